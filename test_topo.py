@@ -1,0 +1,655 @@
+"""
+Tests for topo-lm. Run: python -m pytest -q test_topo.py  (about N minutes on a 2-core CPU)
+"""
+import io
+import os
+import sys
+import json
+import time
+import types
+import signal
+import tarfile
+import subprocess
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(ROOT, '..', 'shared')
+CACHE = os.path.join(SHARED, 'tiktoken_cache')
+SHAKESPEARE = os.path.join(SHARED, 'data', 'shakespeare', 'complete_works.txt')
+if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(CACHE):
+    os.environ['TIKTOKEN_CACHE_DIR'] = os.path.abspath(CACHE)  # no vocab download offline
+sys.path.insert(0, ROOT)
+
+import tiktoken
+import topo_gpt
+import prepare_data
+from topo_gpt import GPT, GPTConfig, spatial_correlation_loss
+
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, alpha=2.5, radius=3, n_neighborhoods=3)
+# the same tiny model on the command line, for runs of the script itself
+TINY_CLI = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--radius=3', '--n_neighborhoods=3',
+            '--block_size=32', '--batch_size=4', '--eval_iters=2', '--log_interval=1', '--warmup_iters=2']
+
+def run(args, cwd=ROOT, timeout=600, **kw):
+    """Run a script of the repo; returns the CompletedProcess (text)."""
+    env = {**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'}
+    return subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+def assert_clean_error(p, *words):
+    """A clear one-line error: non-zero exit, no traceback, the words in the message."""
+    assert p.returncode != 0, p.stdout
+    assert 'Traceback' not in p.stderr, p.stderr
+    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, p.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    """A small corpus as prepare_data.py would write it: data/tiny/{train,val}.bin."""
+    d = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+    # a repetitive 'language' over 200 tokens, so that a few steps can learn something
+    base = rng.integers(0, 200, size=50)
+    stream = np.concatenate([np.roll(base, rng.integers(0, 5)) for _ in range(200)]).astype(np.uint16)
+    os.makedirs(d / 'tiny')
+    stream[:9000].tofile(d / 'tiny' / 'train.bin')
+    stream[9000:].tofile(d / 'tiny' / 'val.bin')
+    return str(d)
+
+# -----------------------------------------------------------------------------
+# the spatial correlation loss
+
+def smooth_fields(n_samples, side, width, seed=0):
+    """n_samples random fields on a side x side grid, Gaussian-smoothed: responses that are a
+    smooth function of position. (n_samples, side, side)"""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n_samples, 1, side + 4 * width, side + 4 * width, generator=g)
+    ax = torch.arange(-2 * width, 2 * width + 1, dtype=torch.float32)
+    k = torch.exp(-ax ** 2 / (2 * width ** 2))
+    k2 = (k[:, None] * k[None, :])[None, None]
+    return torch.nn.functional.conv2d(noise, k2)[:, 0, :side, :side]
+
+def window(side):
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing='ij')
+    return torch.stack([rows.flatten(), cols.flatten()], -1).float()  # (side*side, 2)
+
+def test_spatial_loss_smooth_vs_noise():
+    pos = window(9)
+    smooth = smooth_fields(500, 9, width=3).reshape(500, 81)
+    noise = torch.randn(500, 81, generator=torch.Generator().manual_seed(1))
+    sl_smooth = spatial_correlation_loss(smooth, pos).item()
+    sl_noise = spatial_correlation_loss(noise, pos).item()
+    assert sl_smooth < 0.1, sl_smooth  # correlations fall off with distance like 1/(1+d)
+    assert abs(sl_noise - 0.5) < 0.05, sl_noise  # unrelated to distance
+    # and what the loss is for: units placed at random lose the smoothness
+    perm = torch.randperm(81, generator=torch.Generator().manual_seed(2))
+    assert spatial_correlation_loss(smooth, pos[perm]).item() > 0.4
+
+def test_spatial_loss_worked_by_hand():
+    # three units on a line at distance 1: unit 1 copies unit 0, unit 2 is its negative.
+    # pairs (1,0), (2,0), (2,1):  r = (1, -1, -1),  D = 1/(1+d) = (1/2, 1/3, 1/2)
+    # r - mean = (4/3, -2/3, -2/3), D - mean = (1/18, -1/9, 1/18)
+    # cov = 4/54 + 2/27 - 2/54 = 1/9; |r| |D| = sqrt(24/9) sqrt(1/54) = 2/9
+    # corr = 1/2, SL = 0.5 * (1 - 1/2) = 0.25
+    a = torch.tensor([1.0, 2.0, 4.0, -3.0, 0.5])
+    x = torch.stack([a, a, -a], dim=1)  # (N=5, n=3)
+    pos = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 2.0]])
+    assert spatial_correlation_loss(x, pos).item() == pytest.approx(0.25, abs=1e-5)
+    # u, u + v, v with u, v orthogonal: r = (1/sqrt2, 0, 1/sqrt2), a rising line in D: SL = 0
+    u, v = torch.tensor([1.0, -1, 1, -1]), torch.tensor([1.0, 1, -1, -1])
+    assert spatial_correlation_loss(torch.stack([u, u + v, v], 1), pos).item() == pytest.approx(0, abs=1e-6)
+    # and the mirror image, w orthogonal to both: r = (0, 1/sqrt2, 0) falls where D rises: SL = 1
+    w = torch.tensor([1.0, -1, -1, 1])
+    assert spatial_correlation_loss(torch.stack([u, w, u + v], 1), pos).item() == pytest.approx(1, abs=1e-6)
+
+def test_spatial_loss_batch_equals_single_calls():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 100, 25, generator=g)
+    x[1] = smooth_fields(100, 5, 2).reshape(100, 25)
+    pos = torch.stack([window(5)[torch.randperm(25, generator=g)] for _ in range(4)])
+    batch = spatial_correlation_loss(x, pos)
+    assert batch.shape == (4,)
+    singles = torch.stack([spatial_correlation_loss(x[k], pos[k]) for k in range(4)])
+    torch.testing.assert_close(batch, singles)
+
+def test_replacing_the_loss_changes_training(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    idx = torch.randint(0, 200, (2, 16))
+    torch.manual_seed(1)
+    _, loss = model(idx, idx)
+    original = model.spatial_loss.item()
+    grad_ref = torch.autograd.grad(loss, model.transformer.h[0].mlp.c_fc.weight)[0]
+
+    def absolute_loss(x, pos):  # TDANN's older form: mean |r - D|, a classroom exercise
+        x = x - x.mean(1, keepdim=True)
+        x = x / x.norm(dim=1, keepdim=True)
+        r = x.transpose(1, 2) @ x
+        D = 1 / (1 + torch.cdist(pos, pos))
+        return (r - D).abs().mean(dim=(1, 2))
+
+    monkeypatch.setattr(topo_gpt, 'spatial_correlation_loss', absolute_loss)
+    torch.manual_seed(1)  # the same neighbourhoods as before
+    _, loss = model(idx, idx)
+    assert model.spatial_loss.item() != pytest.approx(original)
+    assert loss.item() == pytest.approx(model.ce_loss.item() + 2.5 * model.spatial_loss.item(), rel=1e-5)
+    grad_new = torch.autograd.grad(loss, model.transformer.h[0].mlp.c_fc.weight)[0]
+    assert not torch.allclose(grad_new, grad_ref)
+
+def test_alpha_zero_skips_spatial_loss(monkeypatch):
+    def boom(x, pos):
+        raise AssertionError("spatial loss computed")
+    monkeypatch.setattr(topo_gpt, 'spatial_correlation_loss', boom)
+    model = GPT(GPTConfig(**{**TINY, 'alpha': 0.0})).train()
+    idx = torch.randint(0, 200, (2, 16))
+    _, loss = model(idx, idx)
+    assert loss.item() == model.ce_loss.item()
+    model.config.alpha = 1.0
+    with pytest.raises(AssertionError, match='spatial loss computed'):
+        model(idx, idx)
+
+def test_spatial_loss_of_model_uses_the_sampled_windows():
+    # a model's loss over its neighbourhoods equals the function applied window by window
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    maps = [torch.randn(2, 16, 64) for _ in range(4)]
+    torch.manual_seed(5)
+    total = model.spatial_loss_of(maps)
+    torch.manual_seed(5)
+    units, pos = topo_gpt.sample_neighborhoods(model.grid, 3, 3)
+    expect = 0
+    for m in range(4):
+        for k in range(3):
+            x = maps[m].reshape(32, 64)[:, units[m, k]]
+            # the units' stored positions are the window's places
+            assert torch.equal(model.unit_pos[m][units[m, k]], pos[m, k])
+            expect = expect + spatial_correlation_loss(x, pos[m, k].float()) / 3
+    assert total.item() == pytest.approx(expect.item(), rel=1e-5)
+    # windows are 5 x 5 squares of the lattice
+    assert units.shape == (4, 3, 25)
+    p = pos[0, 0]
+    assert (p.max(0).values - p.min(0).values).tolist() == [4, 4]
+
+# -----------------------------------------------------------------------------
+# the model
+
+def test_positions_are_a_permutation_of_the_lattice_and_survive_a_checkpoint(tmp_path):
+    model = GPT(GPTConfig(**TINY))
+    assert list(model.map_names) == ['h.0.attn', 'h.0.mlp', 'h.1.attn', 'h.1.mlp']
+    lattice = {(r, c) for r in range(8) for c in range(8)}
+    seen = []
+    for name in model.map_names:
+        p = model.positions(name)
+        assert p.shape == (64, 2)
+        assert {tuple(map(int, q)) for q in p.tolist()} == lattice
+        seen.append(p)
+    assert not torch.equal(seen[0], seen[1])  # each map its own placement
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    path = str(tmp_path / 'ckpt.pt')
+    topo_gpt.save_checkpoint(path, model, opt, 0, 1.0, {})
+    # a model built with another seed would place units elsewhere; the checkpoint's positions win
+    loaded = GPT.from_checkpoint(path)
+    for name in model.map_names:
+        assert torch.equal(loaded.positions(name), model.positions(name))
+    assert not torch.equal(GPT(GPTConfig(**{**TINY, 'seed': 7})).positions('h.0.attn'), seen[0])
+
+def test_causality():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).eval()
+    idx = torch.randint(0, 50257, (1, 20))
+    idx2 = idx.clone()
+    idx2[0, 12:] = torch.randint(0, 50257, (8,))
+    with torch.no_grad():
+        a, _, maps_a = model(idx, return_maps=True)
+        b, _, maps_b = model(idx2, return_maps=True)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    for name in maps_a:
+        torch.testing.assert_close(maps_a[name][:, :12], maps_b[name][:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+def test_return_maps_shapes_and_sublayer_vs_residual():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 50257, (2, 10))
+    model = GPT(GPTConfig(**TINY)).eval()
+    logits, loss, maps = model(idx, return_maps=True)
+    assert logits.shape == (2, 10, 50304) and loss is None
+    assert list(maps) == model.map_names and all(m.shape == (2, 10, 64) for m in maps.values())
+    # the residual option maps the stream: the final map is what ln_f sees
+    model.config.residual_maps = True
+    for block in model.transformer.h:
+        block.residual_maps = True
+    _, _, res = model(idx, return_maps=True)
+    x = res['h.1.mlp']
+    torch.testing.assert_close(model.lm_head(model.transformer.ln_f(x)), logits)
+    torch.testing.assert_close(res['h.1.mlp'] - res['h.1.attn'], maps['h.1.mlp'])
+
+def test_training_lowers_the_loss(tiny_data):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cpu')
+    data = np.memmap(os.path.join(tiny_data, 'tiny', 'train.bin'), dtype=np.uint16, mode='r')
+    ces, sls = [], []
+    for it in range(40):
+        X, Y = topo_gpt.get_batch(data, 8, 32, 'cpu')
+        _, loss = model(X, Y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ces.append(model.ce_loss.item())
+        sls.append(model.spatial_loss.item())
+    assert np.mean(ces[-5:]) < np.mean(ces[:5]) - 3
+    assert np.mean(sls[-5:]) < np.mean(sls[:5]) - 0.3  # the maps became topographic
+
+def test_save_load_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).eval()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    path = str(tmp_path / 'ckpt.pt')
+    topo_gpt.save_checkpoint(path, model, opt, 3, 1.0, {'seed': 1})
+    loaded = GPT.from_checkpoint(path)
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], loaded(idx)[0])
+    assert loaded.config == model.config
+    foreign = tmp_path / 'foreign.pt'
+    torch.save({'model': model.state_dict()}, foreign)
+    with pytest.raises(ValueError, match='not a TopoLM checkpoint'):
+        GPT.from_checkpoint(str(foreign))
+
+def test_bad_model_config_is_a_clear_error():
+    with pytest.raises(ValueError, match='perfect square'):
+        GPT(GPTConfig(**{**TINY, 'n_embd': 60}))
+    with pytest.raises(ValueError, match='does not fit'):
+        GPT(GPTConfig(**{**TINY, 'radius': 6}))
+
+# -----------------------------------------------------------------------------
+# the training script
+
+def test_resume_is_bit_exact(tiny_data, tmp_path):
+    common = TINY_CLI + [f'--data_dir={tiny_data}', '--dataset=tiny', '--eval_interval=3',
+                         '--dropout=0.1', '--lr_decay_iters=8']
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    p = run(['topo_gpt.py', *common, '--max_iters=8', f'--out_dir={a}'])
+    assert p.returncode == 0, p.stderr
+    p = run(['topo_gpt.py', *common, '--max_iters=4', f'--out_dir={b}'])
+    assert p.returncode == 0, p.stderr
+    p = run(['topo_gpt.py', '--resume', '--max_iters=8', f'--out_dir={b}'])
+    assert p.returncode == 0, p.stderr
+    ca = torch.load(os.path.join(a, 'ckpt.pt'), weights_only=False)
+    cb = torch.load(os.path.join(b, 'ckpt.pt'), weights_only=False)
+    assert ca['iter_num'] == cb['iter_num'] == 8
+    for k, v in ca['model'].items():
+        assert torch.equal(v, cb['model'][k]), k
+    assert ca['best_val_loss'] == cb['best_val_loss']
+
+def test_training_script_end_to_end_and_nan_stop(tiny_data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / 'out')
+    args = TINY_CLI + [f'--data_dir={tiny_data}', '--dataset=tiny', '--eval_interval=4', f'--out_dir={out}']
+    topo_gpt.main(args + ['--max_iters=4'])
+    log = capsys.readouterr().out
+    assert 'step 0: train ce' in log and 'val spatial loss' in log and 'tok/s' in log
+    path = os.path.join(out, 'ckpt.pt')
+    before = open(path, 'rb').read()
+    monkeypatch.setattr(topo_gpt, 'spatial_correlation_loss', lambda x, pos: x.sum(dim=(1, 2)) * float('nan'))
+    with pytest.raises(topo_gpt.UsageError, match='diverged.*last good checkpoint'):
+        topo_gpt.main(args + ['--max_iters=8', '--resume'])
+    assert open(path, 'rb').read() == before  # the good checkpoint is untouched
+    assert not os.path.exists(path + '.tmp')
+
+def test_cli_rejects_bad_input(tiny_data, tmp_path):
+    assert_clean_error(run(['topo_gpt.py', '--n_layr=3']), "unknown config key 'n_layr'")
+    assert_clean_error(run(['topo_gpt.py', '--batch_size=big']), 'expected a int')
+    assert_clean_error(run(['topo_gpt.py', '--preset=huge']), 'unknown preset')
+    assert_clean_error(run(['topo_gpt.py', '--n_embd=250', f'--data_dir={tiny_data}', '--dataset=tiny']),
+                       'perfect square')
+    assert_clean_error(run(['topo_gpt.py', f'--data_dir={tmp_path}', '--dataset=nothing']),
+                       'prepare_data.py')
+    assert_clean_error(run(['topo_gpt.py', '--resume', f'--out_dir={tmp_path}/none']), 'no checkpoint')
+    p = run(['topo_gpt.py', '--help'])
+    assert p.returncode == 0 and '--alpha=2.5' in p.stdout and '--compile=False' in p.stdout
+
+def test_compile_runs_a_step(tiny_data, tmp_path):
+    p = run(['topo_gpt.py', *TINY_CLI, '--compile', f'--data_dir={tiny_data}', '--dataset=tiny',
+             '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path}'])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 'iter 2: loss' in p.stdout and os.path.exists(tmp_path / 'ckpt.pt')
+
+def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        'topo_gpt.py', *TINY_CLI, f'--data_dir={tiny_data}', '--dataset=tiny',
+                        '--gradient_accumulation_steps=2', '--max_iters=3', '--eval_interval=3',
+                        f'--out_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert '2 process(es)' in p.stdout and 'iter 3: loss' in p.stdout
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
+    assert ckpt['iter_num'] == 3
+
+# -----------------------------------------------------------------------------
+# prepare_data.py
+
+enc = tiktoken.get_encoding('gpt2')
+EOT_TEXT = '<|endoftext|>'
+
+
+def run_prepare(tmp_path, *args, env=None):
+    """prepare_data.py as a user runs it, from tmp_path (so data/ lands there)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def load(folder):
+    meta = json.load(open(os.path.join(folder, 'meta.json')))
+    train = np.fromfile(os.path.join(folder, 'train.bin'), dtype=np.uint16)
+    val = np.fromfile(os.path.join(folder, 'val.bin'), dtype=np.uint16)
+    return train, val, meta
+
+
+def assert_prepare_error(r, *words, code=None):
+    """Failed with one line on stderr, no traceback, mentioning words."""
+    assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, r.stderr)
+    assert 'Traceback' not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error:'), r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+def assert_no_bins(folder):
+    left = os.listdir(folder) if os.path.isdir(folder) else []
+    assert not [f for f in left if f.endswith(('.bin', '.tmp', 'meta.json'))], left
+
+# -----------------------------------------------------------------------------
+# the local path (what every offline run and the README use)
+
+def test_single_file_round_trip(tmp_path):
+    # unicode, CRLF, tabs, trailing spaces: all must survive byte for byte
+    text = ''.join(f"Line {i}: caf\u00e9 na\u00efve \u2014 \U0001F600\t  \r\nTo be, or not to be{i % 7}!\n\n"
+                   for i in range(300))
+    (tmp_path / 'play.txt').write_bytes(text.encode('utf-8'))
+    r = run_prepare(tmp_path, '--input=play.txt')
+    assert r.returncode == 0, r.stderr
+    train, val, meta = load(tmp_path / 'data' / 'play')
+    ids = enc.encode_ordinary(text)
+    k = int(len(ids) * 0.1)
+    # contiguous split: train = tokens[:-k], val = tokens[-k:] + [EOT], nothing lost or added
+    assert train.tolist() == ids[:-k] and val.tolist() == ids[-k:] + [50256]
+    assert enc.decode(train.tolist() + val.tolist()) == text + EOT_TEXT
+    assert (train == 50256).sum() == 0 and (val == 50256).sum() == 1
+    assert meta['train_tokens'] == len(train) and meta['val_tokens'] == len(val)
+    assert meta['tokenizer'] == 'gpt2' and meta['eot_token'] == 50256 and meta['seed'] == 1337
+    assert meta['val_fraction'] == 0.1 and meta['source'] == 'play.txt'
+
+
+def make_folder(tmp_path, n=20):
+    docs = {f'doc{i:02d}.txt': f"Document number {i}.\n" + "words and more words " * (i + 1) for i in range(n)}
+    folder = tmp_path / 'corpus'
+    folder.mkdir()
+    for fname, text in docs.items():
+        (folder / fname).write_text(text, encoding='utf-8')
+    (folder / 'empty.txt').write_text('')  # skipped
+    (folder / 'notes.md').write_text('not a .txt, ignored')
+    return docs
+
+
+def test_folder_split_by_documents(tmp_path):
+    docs = make_folder(tmp_path)
+    r = run_prepare(tmp_path, '--input=corpus', '--val_fraction=0.2')
+    assert r.returncode == 0, r.stderr
+    folder = tmp_path / 'data' / 'corpus'
+    train, val, meta = load(folder)
+    assert train.dtype == np.uint16 and os.path.getsize(folder / 'train.bin') == 2 * meta['train_tokens']
+    assert os.path.getsize(folder / 'val.bin') == 2 * meta['val_tokens']
+    got = {}
+    for split, ids in (('train', train), ('val', val)):
+        assert ids[-1] == 50256  # every document ends with EOT
+        parts = enc.decode(ids.tolist()).split(EOT_TEXT)
+        assert parts[-1] == ''
+        got[split] = parts[:-1]
+        assert len(got[split]) == meta[f'{split}_documents'] == (ids == 50256).sum()
+    assert len(got['val']) == 4 and len(got['train']) == 16  # round(20 * 0.2)
+    assert sorted(got['train'] + got['val']) == sorted(docs.values())  # each document exactly once
+    assert got['train'] == sorted(got['train'], key=lambda t: int(t.split()[2][:-1]))  # name order
+
+
+def test_seed_determines_split(tmp_path):
+    make_folder(tmp_path)
+    bins = {}
+    for out, seed in (('a', 1), ('b', 1), ('c', 2)):
+        assert run_prepare(tmp_path, '--input=corpus', f'--out_dir={out}', f'--seed={seed}').returncode == 0
+        bins[out] = [(tmp_path / out / 'corpus' / f).read_bytes() for f in ('train.bin', 'val.bin')]
+    assert bins['a'] == bins['b']
+    assert bins['a'] != bins['c']
+
+
+def test_few_documents_still_give_one_val_document(tmp_path):
+    folder = tmp_path / 'three'
+    folder.mkdir()
+    for i in range(3):  # round(3 * 0.1) = 0, but val gets at least one document
+        (folder / f'{i}.txt').write_text(f'document {i} ' * 20)
+    assert run_prepare(tmp_path, '--input=three').returncode == 0
+    train, val, meta = load(tmp_path / 'data' / 'three')
+    assert (meta['train_documents'], meta['val_documents']) == (2, 1) == ((train == 50256).sum(), (val == 50256).sum())
+
+
+@pytest.mark.parametrize('source', ['synthetic', 'shakespeare'])
+def test_pieces_encode_like_the_whole(source):
+    if source == 'shakespeare' and not os.path.exists(SHAKESPEARE):
+        pytest.skip('needs ../shared/data')
+    # "\n\n " is one pre-token before a word: cutting between its newlines would change the tokens
+    text = (open(SHAKESPEARE, encoding='utf-8').read()[:300_000] if source == 'shakespeare'
+            else ''.join(f"Paragraph {i} ends.\n\n  Then\tanother \n\n\n" for i in range(5000)))
+    parts = list(prepare_data.pieces(text, size=2000))
+    assert len(parts) > 50 and ''.join(parts) == text
+    assert [t for p in parts for t in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
+
+
+def test_interrupt_leaves_no_files(tmp_path):
+    def docs():
+        yield 'train', 'some text ' * 100
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data.write_bins(docs(), str(tmp_path / 'out'))
+    assert os.listdir(tmp_path / 'out') == []
+
+
+def test_ctrl_c_removes_temporary_files(tmp_path):
+    (tmp_path / 'big.txt').write_text("The quick brown fox jumps over the lazy dog, again.\n" * 400_000)  # 20 MB
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'prepare_data.py'), '--input=big.txt'], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    tmp_bin, t0 = tmp_path / 'data' / 'big' / 'train.bin.tmp', time.time()
+    while not tmp_bin.exists() and time.time() - t0 < 60:  # interrupt once tokens are being written
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == 'error: interrupted (temporary files removed)', err
+    assert os.listdir(tmp_path / 'data' / 'big') == []
+
+
+@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='needs ../shared/data')
+def test_real_shakespeare(tmp_path):
+    r = run_prepare(tmp_path, f'--input={os.path.abspath(SHAKESPEARE)}', '--name=shakespeare')
+    assert r.returncode == 0, r.stderr
+    train, val, meta = load(tmp_path / 'data' / 'shakespeare')
+    assert meta['train_tokens'] + meta['val_tokens'] == 1_566_042 + 1  # the text's tokens + one EOT
+    assert (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens']) == (1_409_438, 156_605)
+
+# -----------------------------------------------------------------------------
+# clean rejection: one line, no traceback, no half-written output
+
+@pytest.mark.parametrize('setup, args, words', [
+    (None, ['--input=nowhere.txt'], ['no such file or folder', 'nowhere.txt']),
+    ('empty_file', ['--input=empty.txt'], ['no text', 'empty.txt']),
+    ('empty_folder', ['--input=folder'], ['no text', 'folder']),
+    ('empty_txts', ['--input=folder'], ['no text']),
+    ('tiny', ['--input=tiny.txt'], ['too small']),
+    ('latin1', ['--input=folder'], ['not UTF-8', 'b_latin1.txt']),
+])
+def test_bad_input(tmp_path, setup, args, words):
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    if setup == 'empty_file':
+        (tmp_path / 'empty.txt').write_text('')
+    if setup == 'empty_folder':
+        (folder / 'readme.md').write_text('no .txt here')
+    if setup == 'empty_txts':
+        (folder / 'a.txt').write_text('')
+    if setup == 'tiny':
+        (tmp_path / 'tiny.txt').write_text('Hi there.')  # 3 tokens: 10% of them is none
+    if setup == 'latin1':
+        (folder / 'a_fine.txt').write_text('fine text ' * 50)
+        (folder / 'b_latin1.txt').write_bytes('caf\u00e9 au lait'.encode('latin-1'))
+    r = run_prepare(tmp_path, *args)
+    assert_prepare_error(r, *words, code=1)
+    assert_no_bins(tmp_path / 'data' / os.path.splitext(args[0].split('=')[1])[0])
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--bogus=1'], ['unknown argument', '--bogus']),
+    (['shakespeare.txt'], ['unknown argument']),
+    (['--seed=abc'], ['--seed=abc', 'int']),
+    (['--seed=1.5'], ['int']),
+    (['--val_fraction=lots'], ['float']),
+    (['--val_fraction=1.5'], ['val_fraction']),
+    (['--input'], ['needs a value']),
+    (['--dataset=wikipedia'], ['--dataset=wikipedia']),
+    (['--input=x.txt', '--dataset=imdb'], ['either']),
+    (['--input=x.txt', '--max_tokens=100'], ['max_tokens']),
+])
+def test_bad_cli(tmp_path, args, words):
+    assert_prepare_error(run_prepare(tmp_path, *args), *words, code=2)
+    assert not (tmp_path / 'data').exists()
+
+
+def test_help_lists_every_key(tmp_path):
+    r = run_prepare(tmp_path, '--help')
+    assert r.returncode == 0
+    for k, v in prepare_data.DEFAULTS.items():
+        assert f'--{k}={v}' in r.stdout
+
+# -----------------------------------------------------------------------------
+# downloads, offline
+
+def test_strip_gutenberg():
+    book = "THE SONNETS\r\n\r\nFrom fairest creatures we desire increase,\r\n"
+    raw = ("\ufeffThe Project Gutenberg eBook of The Complete Works of William Shakespeare\r\n"
+           "This eBook is for the use of anyone anywhere...\r\n\r\n"
+           "*** START OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***\r\n\r\n\r\n"
+           + book + "\r\n\r\n"
+           "*** END OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***\r\n"
+           "Updated editions will replace the previous one... Project Gutenberg License\r\n")
+    assert prepare_data.strip_gutenberg(raw) == book.replace('\r\n', '\n').strip() + '\n'
+    with pytest.raises(SystemExit):
+        prepare_data.strip_gutenberg("<html>Service unavailable</html>")
+
+
+def test_default_corpus_from_a_local_url(tmp_path, monkeypatch):
+    # the no-argument run, with the Gutenberg URL pointed at a local file: download, strip, cache, tokenize
+    book = ''.join(f"Sonnet {i}\r\nShall I compare thee to a summer's day?\r\n\r\n" for i in range(100))
+    raw = tmp_path / 'pg100.txt'
+    raw.write_bytes(("header\r\n*** START OF THE PROJECT GUTENBERG EBOOK SHAKESPEARE ***\r\n" + book +
+                     "*** END OF THE PROJECT GUTENBERG EBOOK SHAKESPEARE ***\r\nlicence\r\n").encode('utf-8'))
+    monkeypatch.setattr(prepare_data, 'GUTENBERG_URL', raw.as_uri())
+    prepare_data.main([f'--out_dir={tmp_path / "data"}'])
+    folder = tmp_path / 'data' / 'shakespeare'
+    text = book.replace('\r\n', '\n').strip() + '\n'
+    assert (folder / 'input.txt').read_text() == text
+    assert sorted(os.listdir(folder)) == ['input.txt', 'meta.json', 'train.bin', 'val.bin']
+    train, val, meta = load(folder)
+    assert enc.decode(train.tolist() + val.tolist()) == text + EOT_TEXT and meta['source'] == raw.as_uri()
+
+
+def test_download_failure_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    def offline(*a, **k):
+        raise urllib.error.URLError('[Errno -2] Name or service not known')
+    monkeypatch.setattr(prepare_data.urllib.request, 'urlopen', offline)
+    with pytest.raises(SystemExit) as e:
+        prepare_data.main([f'--out_dir={tmp_path}'])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith('error: could not download') and '--input' in err and len(err.splitlines()) == 1
+    assert os.listdir(tmp_path / 'shakespeare') == []  # no partial input.txt, no .tmp
+
+
+@pytest.mark.parametrize('dataset', ['shakespeare', 'imdb'])
+def test_no_network_end_to_end(tmp_path, dataset):
+    # a proxy that refuses connections stands in for "offline", wherever the tests run
+    env = dict(os.environ, https_proxy='http://127.0.0.1:9', HTTPS_PROXY='http://127.0.0.1:9', no_proxy='', NO_PROXY='')
+    r = run_prepare(tmp_path, f'--dataset={dataset}', env=env)
+    assert_prepare_error(r, 'could not download', 'no network', code=1)
+    assert os.listdir(tmp_path / 'data' / dataset) == []
+
+
+def test_safe_extract(tmp_path, capsys):
+    def tar_with(names):
+        path = tmp_path / 'a.tar.gz'
+        with tarfile.open(path, 'w:gz') as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = 5
+                tar.addfile(info, io.BytesIO(b'great'))
+        return str(path)
+    good = ['aclImdb/train/pos/0_9.txt', 'aclImdb/test/neg/1_2.txt']
+    prepare_data.safe_extract(tar_with(good), str(tmp_path / 'ok'))
+    assert (tmp_path / 'ok' / 'aclImdb' / 'train' / 'pos' / '0_9.txt').read_bytes() == b'great'
+    with pytest.raises(SystemExit):
+        prepare_data.safe_extract(tar_with(['aclImdb/x.txt', '../../evil.txt']), str(tmp_path / 'bad'))
+    assert not (tmp_path / 'evil.txt').exists() and not (tmp_path.parent / 'evil.txt').exists()
+    assert 'unsafe' in capsys.readouterr().err
+
+
+def test_get_imdb_layout(tmp_path, monkeypatch):
+    def fake_download(url, path, hint):  # what the archive holds, in miniature
+        with tarfile.open(path, 'w:gz') as tar:
+            for name in ('aclImdb/train/pos/0_9.txt', 'aclImdb/train/neg/1_1.txt', 'aclImdb/test/pos/2_8.txt'):
+                info = tarfile.TarInfo(name)
+                info.size = 4
+                tar.addfile(info, io.BytesIO(b'okay'))
+    monkeypatch.setattr(prepare_data, 'download', fake_download)
+    prepare_data.main([f'--out_dir={tmp_path}', '--dataset=imdb'])
+    assert sorted(os.listdir(tmp_path / 'imdb')) == ['aclImdb']  # archive and unpack.tmp gone
+    assert (tmp_path / 'imdb' / 'aclImdb' / 'test' / 'pos' / '2_8.txt').read_text() == 'okay'
+
+# -----------------------------------------------------------------------------
+# the streamed corpora, with a stand-in for Hugging Face datasets
+
+@pytest.mark.parametrize('dataset, hub_path, config', [('tinystories', 'roneneldan/TinyStories', None),
+                                                       ('fineweb-edu', 'HuggingFaceFW/fineweb-edu', 'sample-10BT')])
+def test_streamed_dataset(tmp_path, monkeypatch, dataset, hub_path, config):
+    calls = []
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return ({'text': f"Story {i}: once upon a time there was a topographic map."} for i in range(10**6))
+    monkeypatch.setitem(sys.modules, 'datasets', types.SimpleNamespace(load_dataset=load_dataset))
+    prepare_data.main([f'--out_dir={tmp_path}', f'--dataset={dataset}', '--max_tokens=20000', '--seed=3'])
+    assert calls == [(hub_path, config, 'train', True)]  # streamed, never the whole corpus
+    train, val, meta = load(tmp_path / dataset)
+    n = len(train) + len(val)
+    assert 20000 <= n < 20000 + 30  # stops after the document that reaches --max_tokens
+    n_docs = meta['train_documents'] + meta['val_documents']
+    assert (train == 50256).sum() + (val == 50256).sum() == n_docs
+    assert 0.05 < meta['val_documents'] / n_docs < 0.15  # each document to val with p = 0.1
+    assert enc.decode(val.tolist()).split(EOT_TEXT)[0].startswith('Story ')
+
+
+def test_streamed_dataset_missing_package_or_network(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'datasets', None)  # import fails, as on a machine without it
+    with pytest.raises(SystemExit):
+        prepare_data.main([f'--out_dir={tmp_path}', '--dataset=fineweb-edu'])
+    assert 'pip install datasets' in capsys.readouterr().err
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setitem(sys.modules, 'datasets', types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(SystemExit):
+        prepare_data.main([f'--out_dir={tmp_path}', '--dataset=fineweb-edu'])
+    err = capsys.readouterr().err
+    assert 'no network' in err and '--input' in err and len(err.splitlines()) == 1
+    assert os.listdir(tmp_path / 'fineweb-edu') == []

@@ -1,0 +1,865 @@
+"""
+Topoformer: a BERT whose attention units sit on a 2-D grid.
+
+Binhuraib, Tuckute, Blauch. "Topoformer: brain-like topographic organization in Transformer language
+models through spatial querying and reweighting". arXiv 2510.18745 (2025).
+
+A BERT-style encoder (pre-LayerNorm, bidirectional attention, GELU-GLU feed-forward, tied embeddings)
+trained with masked language modelling. The D = side*side units of the queries, keys, values and
+attention outputs sit on a side x side grid in [0, 1)^2 (a torus by default), and two fixed local
+connectivity patterns make neighbouring units respond alike:
+
+  spatial querying (SQ):   q' = q M,  scores = q' k^T / sqrt(D)
+      M[i, j] = 1 when unit j is within radius r of unit i, r = sqrt(sq / pi) (a disc covering a
+      fraction sq of the grid), normalised. Each key unit is matched against the pooled queries of
+      its neighbourhood.
+  spatial reweighting (SR): out = y (W_o * M_sr)^T
+      the output projection is locally connected: unit i of the output reads only the units of the
+      attention output within the disc of area sr around it.
+
+sq = sr = 1 is the non-topographic control: plain queries and a dense output projection.
+
+Read it top to bottom: config, model, spatial geometry, data loader, training loop, checkpointing.
+
+    python topoformer.py                          # laptop-size masked LM on data/shakespeare (see README)
+    python topoformer.py --sq=1 --sr=1            # the non-topographic control
+    python topoformer.py --preset=paper           # the paper's 16-layer BERT and optimisation
+    python topoformer.py --preset=classroom       # a ~2 minute run, for the classroom loop
+    python topoformer.py --task=sentiment         # the paper's 1-layer IMDB classifier (data/imdb)
+    python topoformer.py --compile --out_dir=out-big --batch_size=64
+    torchrun --standalone --nproc_per_node=4 topoformer.py --preset=paper
+    python topoformer.py --bench                  # ms/step of the Topoformer and of its control
+"""
+
+import os
+import sys
+import math
+import time
+import random
+import inspect
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# config: plain defaults, each overridable on the command line as --key=value
+# (the defaults are a laptop run: about 10 minutes on a 2-core CPU, see README)
+# I/O
+out_dir = 'out-topoformer'
+eval_interval = 100
+log_interval = 10
+eval_iters = 20
+resume = False  # continue the run in out_dir from its ckpt.pt
+# task
+task = 'mlm'  # mlm: masked language modelling on data_dir/dataset; sentiment: IMDB reviews (see TASK_DEFAULTS)
+# data
+data_dir = 'data'
+dataset = 'shakespeare'  # reads data_dir/dataset/{train,val}.bin, written by prepare_data.py
+imdb_dir = 'data/imdb/aclImdb'  # --task=sentiment: aclImdb/{train,test}/{pos,neg}/*.txt
+gradient_accumulation_steps = 1
+batch_size = 16
+block_size = 128
+# model
+n_layer = 4
+n_head = 1  # the paper's single head of size D
+n_embd = 256  # D, must be a perfect square: 256 units = a 16 x 16 grid
+ffn_size = 1024  # width of the GELU-GLU layer, halved by the gate
+dropout = 0.0
+# topography (Binhuraib et al. 2025)
+sq = 0.3  # spatial querying: fraction of the grid pooled into each query; 1 = no pooling (control)
+sr = 0.3  # spatial reweighting: fraction of the grid each output unit reads; 1 = dense (control)
+wrap = True  # distances on a torus (the paper's default); False: a flat square with edges
+sr_nonneg = False  # force the SR weights to be >= 0, as the official code does (see SpatialSelfAttention)
+# AdamW
+learning_rate = 1e-3
+max_iters = 600
+weight_decay = 0.01
+beta1 = 0.9
+beta2 = 0.98
+grad_clip = 0.5
+# learning rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
+warmup_iters = 50
+lr_decay_iters = 0  # 0 = max_iters
+min_lr = 1e-4
+# system
+device = 'auto'  # auto = cuda, then mps, then cpu
+compile = False
+seed = 1337
+bench = False  # time training steps of the Topoformer and of its control, then exit
+preset = ''  # paper | classroom: a named set of overrides, applied before the other keys
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str))}
+
+# --task=sentiment brings its own defaults, under any preset and explicit key: the paper's first
+# experiment, a 1-layer Topoformer on a 20 x 20 grid classifying IMDB reviews (official
+# config_text.yaml: D=400, sq=0.1, sr=0.3, 256 tokens, lr 1e-3). A shorter run than the paper's
+# 20 epochs of batch 256, so that it finishes on a laptop: about 1.3 epochs of the 22.5k training reviews.
+TASK_DEFAULTS = {
+    'mlm': {},
+    'sentiment': dict(out_dir='out-sentiment', n_layer=1, n_head=1, n_embd=400, ffn_size=1600,
+                      block_size=256, sq=0.1, sr=0.3, dropout=0.1, batch_size=32, max_iters=1000,
+                      eval_interval=100, eval_iters=10, warmup_iters=50, weight_decay=0.01,
+                      beta2=0.999, grad_clip=1.0),
+}
+
+PRESETS = {
+    # the paper's BERT (its cramming config bert-c5_topo + train bert-o3): 16 layers, 28 x 28 grid,
+    # one head, GELU-GLU 3072, sequence 128, sq = sr = 0.3, AdamW 1e-3 (0.9, 0.98) wd 0.01, clip 0.5,
+    # 4096 sequences per step. The step count and the cosine schedule are ours (cramming: a time budget).
+    'paper': dict(n_layer=16, n_head=1, n_embd=784, ffn_size=3072, block_size=128, dropout=0.1,
+                  sq=0.3, sr=0.3, batch_size=128, gradient_accumulation_steps=32,
+                  learning_rate=1e-3, weight_decay=0.01, beta1=0.9, beta2=0.98, grad_clip=0.5,
+                  warmup_iters=1000, max_iters=20000, min_lr=1e-5, eval_interval=1000, eval_iters=100),
+    # the five-minute classroom loop (README, "Exercises"): a model and its control in ~1.5 min each
+    'classroom': dict(n_layer=2, n_head=1, n_embd=256, ffn_size=1024, block_size=64, batch_size=16,
+                      max_iters=200, eval_interval=50, eval_iters=10, warmup_iters=20),
+}
+
+# Token ids. GPT-2's tokenizer uses 0..50256; the vocabulary is padded to 50304 (a multiple of 64, for
+# speed), and the tokens masked language modelling needs live in the padding.
+N_TOKENS = 50257  # GPT-2's real tokens: MLM's random replacements are drawn from these
+EOT_ID = 50256  # <|endoftext|>, between documents in the .bin files
+MASK_ID = 50257  # [MASK]
+PAD_ID = 50258  # [PAD]: fills IMDB reviews up to the longest of the batch; never attended to
+IGNORE_INDEX = -100  # MLM targets at the positions that were not masked (PyTorch's default)
+MASK_PROB = 0.15  # BERT: 15% of the tokens are predicted
+
+# -----------------------------------------------------------------------------
+# The model: a pre-LayerNorm BERT whose self-attention queries and reweights spatially
+
+@dataclass
+class TopoformerConfig:
+    block_size: int = 128
+    vocab_size: int = 50304  # GPT-2's 50257 tokens + [MASK], [PAD], padded to a multiple of 64
+    n_layer: int = 16
+    n_head: int = 1
+    n_embd: int = 784  # D = side * side units on the grid
+    ffn_size: int = 3072
+    dropout: float = 0.1
+    sq: float = 0.3  # 1 = no spatial querying
+    sr: float = 0.3  # 1 = dense output projection
+    wrap: bool = True
+    sr_nonneg: bool = False
+    n_class: int = 0  # 0: masked LM head; > 0: mean-pool then a linear classifier (sentiment)
+
+class SpatialSelfAttention(nn.Module):
+    """
+    Bidirectional self-attention with spatial querying (SQ) and spatial reweighting (SR).
+
+        q = x W_q^T,  k = x W_k^T,  v = x W_v^T        (B, T, D) each
+        q' = q M                                        SQ: pool the queries over each unit's disc
+        y = softmax(q' k^T / sqrt(D)) v                 one head of size D, as in the paper
+        out = y (W_o * M_sr)^T                          SR: a locally connected output projection
+
+    M is fixed, so it folds into the query weight: q' = x W_q^T M = x (M^T W_q)^T. One D x D x D
+    matmul per forward instead of a (B*T) x D x D one (the official code multiplies every query by M).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        D = config.n_embd
+        side = math.isqrt(D)
+        self.c_q = nn.Linear(D, D, bias=False)  # W_q
+        self.c_kv = nn.Linear(D, 2 * D, bias=False)  # W_k and W_v
+        self.c_proj = nn.Linear(D, D, bias=False)  # W_o
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.sr_nonneg = config.sr_nonneg
+        # SQ: the disc matrix, normalised to unit Frobenius norm as in the official code. sq=1 means no
+        # pooling at all: the official control normalises an all-ones M, which makes every query the
+        # same (the mean), so the scores no longer depend on the query token; that is not a control.
+        M = None
+        if config.sq < 1:
+            M = disc_mask(side, config.sq, config.wrap)
+            M = M / M.norm()
+        self.register_buffer('sq_matrix', M, persistent=False)  # (D, D), symmetric; None: no SQ
+        self.register_buffer('sr_mask', disc_mask(side, config.sr, config.wrap) if config.sr < 1 else None,
+                             persistent=False)  # (D, D) 0/1; None: dense
+
+    def forward(self, x, key_mask=None, return_maps=False):
+        B, T, D = x.size()
+        w_q = self.c_q.weight  # (D, D): (out, in), q = x W_q^T
+        if self.sq_matrix is not None:
+            w_q = self.sq_matrix @ w_q  # M^T W_q (M is symmetric): q' = q M for every token at once
+        q = F.linear(x, w_q)  # (B, T, D) pooled queries q'
+        k, v = self.c_kv(x).split(D, dim=2)  # (B, T, D) each
+        hs = D // self.n_head
+        qh, kh, vh = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        # scores / sqrt(hs) (= sqrt(D) with the one head); key_mask hides [PAD] keys; flash attention
+        # where the device has it
+        y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=key_mask,
+                                           dropout_p=self.dropout if self.training else 0)
+        y = y.transpose(1, 2).contiguous().view(B, T, D)
+        w_o = self.c_proj.weight  # (D, D): w_o[i, j] connects unit j of y to unit i of the output
+        if self.sr_mask is not None:
+            # SR: masked in the forward pass, so the weights outside the disc get zero gradient (they
+            # are zero from the init on, and stay so). sr_nonneg (off by default) takes |W_o| first,
+            # as the official code does by rewriting the weights in place every forward. Off, because
+            # the paper describes SR as a locally connected layer, nothing more, and all-positive
+            # weights make every output unit a smoothed sum of its neighbourhood from the first step,
+            # building the 'out' map's topography in rather than letting training find it.
+            w_o = (w_o.abs() if self.sr_nonneg else w_o) * self.sr_mask
+        out = F.linear(y, w_o)  # (B, T, D)
+        maps = None
+        if return_maps:  # the queries before pooling: the paper's query maps (an extra matmul, here only)
+            maps = (F.linear(x, self.c_q.weight), k, v, out)
+        return self.resid_dropout(out), maps
+
+class MLP(nn.Module):
+    """GELU-GLU feed-forward, as the paper's BERT: D -> ffn_size, gate one half with the GELU of the
+    other, ffn_size / 2 -> D."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.ffn_size, bias=False)
+        self.c_proj = nn.Linear(config.ffn_size // 2, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        a, gate = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(a * F.gelu(gate)))
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = SpatialSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, key_mask=None, return_maps=False):
+        a, maps = self.attn(self.ln_1(x), key_mask, return_maps)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, maps
+
+class Topoformer(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        side = math.isqrt(config.n_embd)
+        if side * side != config.n_embd:
+            raise ValueError(f"n_embd={config.n_embd} is not a perfect square: the units must tile a "
+                             f"side x side grid (e.g. 256 = 16 x 16, 400 = 20 x 20, 784 = 28 x 28)")
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+        for name in ('sq', 'sr'):
+            if not 0 < getattr(config, name) <= 1:
+                raise ValueError(f"{name}={getattr(config, name)} is outside (0, 1]: it is the fraction of "
+                                 f"the grid a disc covers (1 = the non-topographic control)")
+        if config.ffn_size < 2 or config.ffn_size % 2:
+            raise ValueError(f"ffn_size={config.ffn_size} must be even: the GLU gate halves it")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if config.n_class:
+            self.classifier = nn.Linear(config.n_embd, config.n_class)
+        self.apply(self._init_weights)
+        for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        with torch.no_grad():  # SR: the weights outside the disc start (and stay) at zero
+            for block in self.transformer.h:
+                if block.attn.sr_mask is not None:
+                    block.attn.c_proj.weight.mul_(block.attn.sr_mask)
+
+        # four maps per layer, all on the same grid: unit i sits at (i // side, i % side)
+        self.map_names = [f'h.{l}.{s}' for l in range(config.n_layer) for s in ('q', 'k', 'v', 'out')]
+        self.register_buffer('unit_pos', grid_coords(side), persistent=False)  # (D, 2)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self):
+        # the position embeddings are not counted, as in nanoGPT; the token embeddings are (tied)
+        return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
+
+    def positions(self, map_name):
+        """(n_embd, 2) grid coordinates (row, col) of the units of one map, e.g. 'h.0.q'."""
+        if map_name not in self.map_names:
+            raise ValueError(f"no map {map_name!r}; maps are h.<layer>.{{q,k,v,out}}, e.g. {self.map_names[0]}")
+        return self.unit_pos.float()
+
+    def forward(self, idx, targets=None, return_maps=False):
+        """
+        idx: (B, T) token ids. Masked LM (n_class = 0): targets (B, T) hold the original token at the
+        masked positions and IGNORE_INDEX (-100) elsewhere; the logits are then (N, vocab) for the N
+        masked positions only (in row-major order), as BERT computes them; without targets (B, T, vocab).
+        Classifier (n_class > 0): targets (B,) labels, logits (B, n_class).
+        return_maps: also an ordered dict {'h.<l>.q|k|v|out': (B, T, D)} of every layer's maps.
+        """
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        # the classifier's batches are padded; the MLM chunks never are (no mask: the fastest attention)
+        key_mask = (idx != PAD_ID)[:, None, None, :] if self.config.n_class else None  # (B, 1, 1, T)
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        maps = []
+        for block in self.transformer.h:
+            x, m = block(x, key_mask, return_maps)
+            if return_maps:
+                maps += m
+        x = self.transformer.ln_f(x)
+
+        loss = None
+        if self.config.n_class:
+            keep = key_mask[:, 0, 0, :, None].to(x.dtype)  # (B, T, 1): mean over the review, not the padding
+            logits = self.classifier((x * keep).sum(1) / keep.sum(1))  # (B, n_class)
+            if targets is not None:
+                loss = F.cross_entropy(logits, targets)
+        elif targets is None:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+        else:
+            # gather the masked positions before the vocab projection: 15% of the (B*T) x vocab logits
+            picked = targets != IGNORE_INDEX
+            logits = self.lm_head(x[picked])  # (N, vocab_size)
+            loss = F.cross_entropy(logits, targets[picked])
+        if return_maps:
+            return logits, loss, OrderedDict(zip(self.map_names, maps))
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # weight decay on 2-D tensors (matmul weights, embeddings), none on biases and LayerNorms
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                  {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
+
+    def estimate_mfu(self, tokens_per_iter, dt):
+        """Model flops utilization in units of an A100's bf16 peak (PaLM appendix B, as nanoGPT); the
+        vocab projection counts only for the 15% masked tokens, the SQ fold not at all."""
+        cfg = self.config
+        L, D, T = cfg.n_layer, cfg.n_embd, cfg.block_size
+        head = 0 if cfg.n_class else cfg.vocab_size * D
+        flops_per_token = 6 * (self.get_num_params() - head) + 6 * MASK_PROB * head + 12 * L * D * T
+        return flops_per_token * tokens_per_iter / dt / 312e12
+
+    @classmethod
+    def from_checkpoint(cls, path, device='cpu'):
+        """Rebuild a trained model from a ckpt.pt written by this script; returned in eval mode."""
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        if not isinstance(ckpt, dict) or ckpt.get('model_type') != 'topoformer':
+            raise ValueError(f"{path} is not a Topoformer checkpoint written by topoformer.py")
+        model = cls(TopoformerConfig(**ckpt['model_args']))
+        model.load_state_dict(ckpt['model'])
+        return model.to(device).eval()
+
+# -----------------------------------------------------------------------------
+# Spatial geometry: units on a side x side grid in [0, 1)^2, discs of a given area
+
+def grid_coords(side):
+    """(side*side, 2) integer lattice coordinates (row, col) of the units: unit i is at (i // side, i % side)."""
+    i = torch.arange(side * side)
+    return torch.stack([i // side, i % side], dim=1)
+
+def grid_distances(side, wrap=True):
+    """
+    (D, D) Euclidean distances between the units, placed at (row, col) / side in the unit square.
+    wrap: on the torus, where an offset d along an axis is also an offset 1 - d the other way round.
+    """
+    pos = grid_coords(side).double() / side
+    d = (pos[:, None, :] - pos[None, :, :]).abs()  # (D, D, 2) offsets along rows and columns
+    if wrap:
+        d = torch.minimum(d, 1 - d)
+    return d.norm(dim=-1)
+
+def disc_mask(side, frac, wrap=True):
+    """
+    (D, D) float 0/1 mask: M[i, j] = 1 when unit j lies within radius r of unit i, with r chosen so that
+    the disc covers a fraction frac of the (unit) grid's area:  pi r^2 = frac  ->  r = sqrt(frac / pi).
+    Symmetric. On the flat grid the discs of units near an edge are cut off, and cover less.
+    """
+    r = math.sqrt(frac / math.pi)
+    return (grid_distances(side, wrap) <= r).float()
+
+# -----------------------------------------------------------------------------
+# Data. MLM: nanoGPT's loader, random chunks of the uint16 token files that prepare_data.py writes,
+# masked as BERT does. Sentiment: the IMDB reviews, tokenized into memory once.
+
+def mask_tokens(x, generator=None):
+    """
+    BERT's masking of a (B, T) batch: each token is picked with probability 0.15; a picked token becomes
+    [MASK] 80% of the time, a random token 10%, and stays itself 10%. Returns the model's input and the
+    targets: the original token where picked, IGNORE_INDEX elsewhere. All draws have fixed shapes, so a
+    batch always consumes the same amount of the generator.
+    """
+    u = torch.rand(x.shape, generator=generator)
+    picked = u < MASK_PROB
+    picked.view(-1)[u.view(-1).argmin()] = True  # at least one target, even in a tiny batch
+    r = torch.rand(x.shape, generator=generator)
+    random_tokens = torch.randint(N_TOKENS, x.shape, generator=generator)
+    inp = torch.where(picked & (r < 0.8), MASK_ID, x)
+    inp = torch.where(picked & (r >= 0.8) & (r < 0.9), random_tokens, inp)
+    return inp, torch.where(picked, x, IGNORE_INDEX)
+
+def to_device(x, y, device):
+    if device.startswith('cuda'):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+def open_split(cfg, split):
+    path = os.path.join(cfg['data_dir'], cfg['dataset'], f'{split}.bin')
+    if not os.path.exists(path):
+        raise UsageError(f"no {path}: prepare it with `python prepare_data.py` (Shakespeare), or "
+                         f"`python prepare_data.py --input=YOUR_TEXT --name={cfg['dataset']}`")
+    data = np.memmap(path, dtype=np.uint16, mode='r')
+    if len(data) <= cfg['block_size']:
+        raise UsageError(f"{path} has {len(data)} tokens, too few for block_size={cfg['block_size']}")
+    return data
+
+def get_batch(data, batch_size, block_size, device, generator=None):
+    # x: (B, T) masked random chunks of the token file, y: (B, T) the MLM targets
+    ix = torch.randint(len(data) - block_size + 1, (batch_size,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+    return to_device(*mask_tokens(x, generator), device)
+
+def load_imdb(imdb_dir, split, block_size):
+    """
+    The reviews of imdb_dir/<split>/{neg,pos}/*.txt (the aclImdb layout), GPT-2 tokenized and cut to
+    their first block_size tokens. Returns tokens (N, block_size) padded with PAD_ID, labels (N,):
+    0 = negative, 1 = positive, in file name order.
+    """
+    texts, labels = [], []
+    for label, sub in enumerate(('neg', 'pos')):
+        folder = os.path.join(imdb_dir, split, sub)
+        files = sorted(f for f in os.listdir(folder) if f.endswith('.txt')) if os.path.isdir(folder) else []
+        if not files:
+            raise UsageError(f"no reviews in {folder}: --imdb_dir must hold the IMDB layout "
+                             f"{{train,test}}/{{pos,neg}}/*.txt (get it with `python prepare_data.py --dataset=imdb`)")
+        for f in files:
+            with open(os.path.join(folder, f), encoding='utf-8', errors='replace') as fh:
+                texts.append(fh.read().replace('<br />', ' '))  # IMDB's line breaks are HTML
+        labels += [label] * len(files)
+    import tiktoken
+    try:
+        enc = tiktoken.get_encoding('gpt2')
+    except Exception as e:
+        raise UsageError(f"tiktoken could not load the GPT-2 vocabulary ({type(e).__name__}); offline, point "
+                         f"TIKTOKEN_CACHE_DIR at a cache of it (see README)") from None
+    ids = [t[:block_size] for t in enc.encode_ordinary_batch(texts)]
+    keep = [i for i, t in enumerate(ids) if t]  # an empty review has nothing to classify
+    tokens = torch.full((len(keep), block_size), PAD_ID, dtype=torch.long)
+    for row, i in enumerate(keep):
+        tokens[row, :len(ids[i])] = torch.tensor(ids[i])
+    return tokens, torch.tensor(labels)[keep]
+
+def imdb_batch(tokens, labels, ix, device):
+    # x: (B, T) reviews padded up to the longest of the batch, y: (B,) labels
+    x = tokens[ix]
+    x = x[:, :int((x != PAD_ID).sum(1).max())]
+    return to_device(x, labels[ix], device)
+
+# -----------------------------------------------------------------------------
+# Training
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, no traceback."""
+
+def parse_args(argv):
+    """--key=value for any key of the config block (type checked), bare --flag for booleans,
+    --preset=NAME first, the task's defaults under both. Returns the full config and the keys the
+    user set (preset included)."""
+    if '-h' in argv or '--help' in argv:
+        print(__doc__.strip() + '\n\nconfig keys (--key=value):')
+        for k, v in DEFAULTS.items():
+            print(f"  --{k}={v}")
+        for name, d in TASK_DEFAULTS.items():
+            if d:
+                print(f"--task={name} sets: " + ', '.join(f'{k}={v}' for k, v in d.items()))
+        print('presets: ' + ', '.join(f"{name} ({', '.join(f'{k}={v}' for k, v in p.items())})"
+                                      for name, p in PRESETS.items()))
+        sys.exit(0)
+    given = {}
+    for arg in argv:
+        if not arg.startswith('--'):
+            raise UsageError(f"unexpected argument {arg!r}: options look like --key=value (see --help)")
+        key, eq, val = arg[2:].partition('=')
+        if key not in DEFAULTS:
+            raise UsageError(f"unknown config key {key!r} (see --help for the list)")
+        default = DEFAULTS[key]
+        if not eq:
+            if not isinstance(default, bool):
+                raise UsageError(f"--{key} needs a value, e.g. --{key}={default}")
+            given[key] = True
+        elif isinstance(default, bool):
+            if val.lower() not in ('true', 'false', '1', '0'):
+                raise UsageError(f"--{key}={val}: expected True or False")
+            given[key] = val.lower() in ('true', '1')
+        else:
+            try:
+                given[key] = type(default)(val)
+            except ValueError:
+                raise UsageError(f"--{key}={val}: expected a {type(default).__name__}") from None
+    if given.get('preset'):
+        if given['preset'] not in PRESETS:
+            raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(PRESETS)}")
+        given = {**PRESETS[given['preset']], **given}  # explicit keys win over the preset
+    task = given.get('task', DEFAULTS['task'])
+    if task not in TASK_DEFAULTS:
+        raise UsageError(f"unknown task {task!r}; tasks: {', '.join(TASK_DEFAULTS)}")
+    return {**DEFAULTS, **TASK_DEFAULTS[task], **given}, given
+
+def pick_device(name):
+    if name != 'auto':
+        return name
+    if torch.cuda.is_available():
+        return 'cuda'
+    return 'mps' if torch.backends.mps.is_available() else 'cpu'
+
+def keep_freed_memory():
+    """
+    glibc hands big freed blocks (activations, the masked positions' logits, their gradients) back to
+    the OS, and writing into fresh pages is slow: measured 3x slower CPU steps. Ask it to keep them.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: big blocks come from the heap, not fresh mmaps
+        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD = 1 GiB: keep freed heap memory around
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, Windows): nothing to do
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr. Depends on the iteration only (for resume)."""
+    decay_iters = cfg['lr_decay_iters'] or cfg['max_iters']
+    if it < cfg['warmup_iters']:
+        return cfg['learning_rate'] * (it + 1) / (cfg['warmup_iters'] + 1)
+    if it > decay_iters:
+        return cfg['min_lr']
+    ratio = (it - cfg['warmup_iters']) / max(1, decay_iters - cfg['warmup_iters'])
+    return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
+
+def model_args_of(cfg):
+    return dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], block_size=cfg['block_size'],
+                vocab_size=50304, ffn_size=cfg['ffn_size'], dropout=cfg['dropout'], sq=cfg['sq'], sr=cfg['sr'],
+                wrap=cfg['wrap'], sr_nonneg=cfg['sr_nonneg'], n_class=2 if cfg['task'] == 'sentiment' else 0)
+
+def build_model(model_args):
+    try:
+        return Topoformer(TopoformerConfig(**model_args))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+def train_step(model, optimizer, scaler, next_batch, cfg, ctx, ddp):
+    """One optimizer step over gradient_accumulation_steps micro-batches. Returns (loss, grad norm)."""
+    steps = cfg['gradient_accumulation_steps']
+    for micro_step in range(steps):
+        if ddp:  # all-reduce the gradients only once, after the last micro-batch
+            model.require_backward_grad_sync = micro_step == steps - 1
+        X, Y = next_batch()
+        with ctx:
+            _, loss = model(X, Y)
+        scaler.scale(loss / steps).backward()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or float('inf'))
+    if not (math.isfinite(loss.item()) and (scaler.is_enabled() or math.isfinite(norm.item()))):
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item(), norm.item()  # the caller stops; the weights were not touched
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), norm.item()
+
+@torch.no_grad()
+def test_accuracy(model, tokens, labels, batch_size, device, ctx):
+    """Sentiment: the fraction of the reviews classified right, in order, all of them."""
+    model.eval()
+    right = 0
+    for i in range(0, len(labels), batch_size):
+        X, Y = imdb_batch(tokens, labels, torch.arange(i, min(i + batch_size, len(labels))), device)
+        with ctx:
+            logits, _ = model(X)
+        right += (logits.argmax(-1) == Y).sum().item()
+    model.train()
+    return right / len(labels)
+
+def main(argv):
+    cfg, given = parse_args(argv)
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    ckpt = None
+    if cfg['resume']:
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = {**ckpt['config'], **given}  # the run's own config, then what was set now
+
+    # DDP (torchrun): one process per device; gloo on CPU, nccl on CUDA
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world = 0, 1
+    if ddp:
+        from torch.distributed import init_process_group
+        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        local_rank = int(os.environ['LOCAL_RANK'])
+        dev = pick_device(cfg['device'])
+        if dev.startswith('cuda'):
+            dev = f'cuda:{local_rank}'
+            torch.cuda.set_device(dev)
+        init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+        if cfg['gradient_accumulation_steps'] % world:
+            raise UsageError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a "
+                             f"multiple of the {world} processes (it counts micro-batches over all of them)")
+        cfg['gradient_accumulation_steps'] //= world
+    else:
+        dev = pick_device(cfg['device'])
+    master = rank == 0
+    device_type = 'cuda' if dev.startswith('cuda') else dev.split(':')[0]
+    if device_type == 'cpu':
+        keep_freed_memory()
+    torch.manual_seed(cfg['seed'] + rank)  # each rank draws its own batches and masks
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    # bf16 autocast on CUDA (fp16 with a gradient scaler on GPUs without bf16), plain fp32 elsewhere
+    dtype = torch.float32
+    if device_type == 'cuda':
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    ctx = torch.autocast(device_type=device_type, dtype=dtype) if device_type == 'cuda' else nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+
+    model_args = model_args_of(cfg)
+    if ckpt is not None:
+        model_args = ckpt['model_args']  # the model is what was trained, whatever the flags say now
+    if cfg['block_size'] > model_args['block_size']:
+        raise UsageError(f"block_size={cfg['block_size']} is longer than the model's context "
+                         f"({model_args['block_size']} tokens)")
+    if cfg['bench']:
+        benchmark(model_args, cfg, scaler, ctx, dev)
+        return
+    model = build_model(model_args)
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+    model.to(dev)
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                           (cfg['beta1'], cfg['beta2']), device_type)
+    iter_num, best_val_loss = 0, float('inf')
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+        if ddp:  # only rank 0's generator state is saved: give each rank its own stream again
+            torch.manual_seed(cfg['seed'] + rank + 1000 * iter_num)
+        else:
+            set_rng_state(ckpt['rng'])
+        ckpt = None  # free the memory
+
+    # the data, before the model is compiled: a missing file should fail at once
+    B, T = cfg['batch_size'], cfg['block_size']
+    sentiment = cfg['task'] == 'sentiment'
+    if sentiment:
+        tokens, labels = load_imdb(cfg['imdb_dir'], 'train', T)
+        is_val = torch.arange(len(labels)) % 10 == 0  # every 10th training review is held out
+        splits = {'train': (tokens[~is_val], labels[~is_val]), 'val': (tokens[is_val], labels[is_val])}
+        test_set = load_imdb(cfg['imdb_dir'], 'test', T)
+    else:
+        splits = {'train': open_split(cfg, 'train'), 'val': open_split(cfg, 'val')}
+
+    def batch(split, generator=None):
+        if sentiment:
+            tokens, labels = splits[split]
+            return imdb_batch(tokens, labels, torch.randint(len(labels), (B,), generator=generator), dev)
+        return get_batch(splits[split], B, T, dev, generator)
+
+    raw_model = model
+    items_per_iter = cfg['gradient_accumulation_steps'] * world * B * (1 if sentiment else T)
+    unit = 'reviews' if sentiment else 'tok'
+    if master:
+        side = math.isqrt(model.config.n_embd)
+        kind = 'the non-topographic control' if model.config.sq == model.config.sr == 1 else 'Topoformer'
+        print(f"{kind}: {model.get_num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
+              f"{side}x{side} grid ({'torus' if model.config.wrap else 'flat'}), sq={model.config.sq}, "
+              f"sr={model.config.sr}, task {cfg['task']}")
+        print(f"device {dev}, {dtype}, {world} process(es), {items_per_iter:,} {unit} per iteration")
+    if cfg['compile']:
+        if master:
+            print("compiling the model... (a minute or two)")
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+    @torch.no_grad()
+    def estimate_loss():
+        # the same eval batches every time (own generator), and the training RNG stream untouched
+        # (fork_rng), so that evaluating never changes the course of training: resume stays exact
+        out = {}
+        model.eval()
+        with torch.random.fork_rng(devices=[]):
+            for split in ('train', 'val'):
+                g = torch.Generator().manual_seed(cfg['seed'])
+                losses, accs = torch.zeros(cfg['eval_iters']), torch.zeros(cfg['eval_iters'])
+                for k in range(cfg['eval_iters']):
+                    X, Y = batch(split, g)
+                    with ctx:
+                        logits, loss = raw_model(X, Y)
+                    losses[k] = loss.item()
+                    if sentiment:
+                        accs[k] = (logits.argmax(-1) == Y).float().mean().item()
+                out[split] = (losses.mean().item(), accs.mean().item())
+        model.train()
+        return out
+
+    os.makedirs(cfg['out_dir'], exist_ok=True)
+    t0 = time.time()
+    while True:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        if master and (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']):
+            losses = estimate_loss()
+            (tl, ta), (vl, va) = losses['train'], losses['val']
+            what = 'loss' if sentiment else 'masked-token loss'
+            msg = f"step {iter_num}: train {what} {tl:.4f}, val {what} {vl:.4f}"
+            print(msg + (f", train acc {ta:.3f}, val acc {va:.3f}" if sentiment else ''))
+            if not math.isfinite(vl):
+                raise UsageError(f"val loss is {vl} at iter {iter_num}: training diverged and stopped; the last "
+                                 f"good checkpoint (if any) is {ckpt_path}. Try a lower learning_rate.")
+            best_val_loss = min(best_val_loss, vl)
+            if iter_num > 0:
+                save_checkpoint(ckpt_path, raw_model, optimizer, iter_num, best_val_loss, cfg)
+                print(f"saved {ckpt_path}")
+            t0 = time.time()
+        if iter_num >= cfg['max_iters']:
+            break
+        loss, norm = train_step(model, optimizer, scaler, lambda: batch('train'), cfg, ctx, ddp)
+        if not (math.isfinite(loss) and math.isfinite(norm)) and not scaler.is_enabled():
+            saved = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
+            raise UsageError(f"loss is {loss}, grad norm {norm} at iter {iter_num}: training diverged and "
+                             f"stopped; {saved}. Try a lower learning_rate.")
+        iter_num += 1
+        if master and iter_num % cfg['log_interval'] == 0:
+            dt = (time.time() - t0) / cfg['log_interval']
+            t0 = time.time()
+            msg = (f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                   f"{items_per_iter / dt:,.0f} {unit}/s")
+            if device_type == 'cuda' and not sentiment:
+                msg += f", mfu {raw_model.estimate_mfu(items_per_iter, dt) * 100:.1f}%"
+            print(msg, flush=True)
+    if master and sentiment:
+        acc = test_accuracy(raw_model, *test_set, 2 * B, dev, ctx)
+        print(f"test accuracy {acc:.4f} on {len(test_set[1])} reviews")
+    if ddp:
+        from torch.distributed import destroy_process_group
+        destroy_process_group()
+
+def benchmark(model_args, cfg, scaler, ctx, dev):
+    """ms/step of the Topoformer (sq, sr as configured, 0.3 where they are 1) and of its control
+    (sq = sr = 1) at the same size, interleaved step by step in one process so that drifting machine
+    speed hits both alike. Same random batch for both, no data."""
+    import resource
+    cuda = dev.startswith('cuda')
+    B, T = cfg['batch_size'], cfg['block_size']
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, N_TOKENS, (B, T), generator=g)
+    if model_args['n_class']:
+        X, Y = to_device(X, torch.randint(0, model_args['n_class'], (B,), generator=g), dev)
+    else:
+        X, Y = to_device(*mask_tokens(X, g), dev)
+    runs = {}
+    for name, sq_sr in (('control', (1.0, 1.0)),
+                        ('topoformer', tuple(v if v < 1 else 0.3 for v in (model_args['sq'], model_args['sr'])))):
+        torch.manual_seed(cfg['seed'])
+        model = build_model({**model_args, 'sq': sq_sr[0], 'sr': sq_sr[1]}).to(dev)
+        optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                               (cfg['beta1'], cfg['beta2']), dev.split(':')[0])
+        runs[name] = (torch.compile(model) if cfg['compile'] else model, optimizer, f"{name} (sq={sq_sr[0]}, sr={sq_sr[1]})")
+    times, peak = {name: [] for name in runs}, {}
+    for name, (model, optimizer, _) in runs.items():  # warm up (and compile) each; peak memory in this order
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            train_step(model, optimizer, scaler, lambda: (X, Y), cfg, ctx, False)
+        peak[name] = (torch.cuda.max_memory_allocated() if cuda else
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    n = 10
+    print(f"benchmark: {n} steps each, interleaved, batch {B} x {T} x {cfg['gradient_accumulation_steps']} accum, "
+          f"{model_args['n_layer']} layers, D={model_args['n_embd']}")
+    for i in range(n):
+        for name in (('topoformer', 'control') if i % 2 else ('control', 'topoformer')):
+            model, optimizer, _ = runs[name]
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            train_step(model, optimizer, scaler, lambda: (X, Y), cfg, ctx, False)
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    tokens = B * T * cfg['gradient_accumulation_steps']
+    for name, (model, _, label) in runs.items():
+        ms = 1000 * float(np.median(times[name]))
+        line = f"{label:32s} {ms:8.1f} ms/step  {tokens / ms * 1000:9,.0f} tok/s  peak {peak[name]:7,.0f} MiB"
+        if cuda:
+            line += f"  mfu {getattr(model, '_orig_mod', model).estimate_mfu(tokens, ms / 1000) * 100:.1f}%"
+        print(line)
+    ratios = [a / b for a, b in zip(times['topoformer'], times['control'])]
+    print(f"topoformer/control ratio: {np.median(times['topoformer']) / np.median(times['control']):.3f} "
+          f"(medians), {np.median(ratios):.3f} (median of step-by-step pairs)")
+
+# -----------------------------------------------------------------------------
+# Checkpointing
+
+def save_checkpoint(path, model, optimizer, iter_num, best_val_loss, cfg):
+    """Everything a bit-exact resume needs. Written to a temporary file and renamed, so that a kill
+    during the save leaves the previous checkpoint intact."""
+    ckpt = {
+        'model_type': 'topoformer',
+        'model_args': asdict(model.config),
+        'model': model.state_dict(),  # the SQ/SR masks are not in it: they follow from model_args
+        'optimizer': optimizer.state_dict(),
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': cfg,
+        'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
+                'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise UsageError(f"--resume: no checkpoint at {path} (set --out_dir to the run's folder)")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise UsageError(f"{path} could not be read as a checkpoint: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get('model_type') != 'topoformer':
+        raise UsageError(f"{path} is not a Topoformer checkpoint written by topoformer.py")
+    return ckpt
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng['torch'])
+    np.random.set_state(rng['numpy'])
+    random.setstate(rng['python'])
+    if rng['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng['cuda'])
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint (if any) is intact", file=sys.stderr)
+        sys.exit(130)
