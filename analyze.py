@@ -5,13 +5,27 @@ sentences, nouns or good news sit, and are they clustered or merely smooth?
 Takes a checkpoint of either model (topo_gpt.py's TopoLM or topoformer.py's Topoformer, recognised from
 the file), runs stimulus suites through it, and for every spatial map the model exposes computes the
 t-map of each contrast (Welch's t per unit), which units are selective (Benjamini-Hochberg FDR), how
-smooth the t-map is (Moran's I, as TopoLM reports it), how many patches the selective units form, and
-the same numbers for label-shuffled stimuli: the null that tells functional clusters from smoothness.
+smooth the t-map is (Moran's I, as TopoLM reports it) and how many patches the selective units form;
+and the same numbers for label-shuffled stimuli, the null that tells functional clusters from mere
+smoothness (a smooth model makes any t-map smooth), and for the selective units at scattered places,
+the null for patches (many selective units touch by chance).
 
     python analyze.py out/ckpt.pt                                  # writes out/analysis/
     python analyze.py out/ckpt.pt --control=out_control/ckpt.pt    # topographic vs control, side by side
     python analyze.py out/ckpt.pt --contrasts=language,noun_verb --fwhm=2
     python analyze.py out/ckpt.pt --stimuli=my_contrast.csv        # columns condition,text; 2 conditions
+
+Writes into out_dir: <contrast>.png (t-maps, layers x maps, the control's to the right, patches
+outlined), correlation_distance.png, and metrics.json:
+    {config, model: {checkpoint, model_type, topographic, grid, maps, correlation_profile: {map:
+     {distance, mean_r}}, contrasts: {name: {conditions, n_stimuli, mean_morans_i, mean_morans_i_null,
+     percent_selective, percent_selective_null, maps: {map: {morans_i, morans_i_null, percent_selective,
+     percent_positive, percent_negative, percent_selective_null, patches: {positive, negative}
+     (sizes), n_patches, n_patches_null, largest_patch, n_patches_scattered,
+     largest_patch_scattered}}}}}, control: the same or null, comparison (with a control):
+     {name: {mean_morans_i: [model, control], ratio, difference, percent_selective, map_ratio}}}
+Every *_null is {mean, sd} over the label shuffles; every *_scattered the same over shuffles of the
+selective units' places (the patches that chance adjacency makes).
 
 Contrasts (t = first condition - second):
     language            sentences - non-word strings (Fedorenko et al. 2010; TopoLM's language patches)
@@ -34,6 +48,8 @@ from collections import OrderedDict, defaultdict, deque
 
 import numpy as np
 
+from topo_gpt import UsageError, parse_args as parse_keys  # the repo's one CLI convention
+
 # -----------------------------------------------------------------------------
 # config: plain defaults, each overridable on the command line as --key=value
 # (the first positional argument is the checkpoint)
@@ -54,16 +70,14 @@ DEFAULTS = {k: v for k, v in globals().items()
 
 CONTRASTS = OrderedDict([  # name: ((label, conditions) of the first group, the same of the second)
     ('language', (('sentences', ['sentences']), ('nonwords', ['nonwords']))),
-    ('noun_verb', (('nouns', ['concrete_nouns', 'abstract_nouns']), ('verbs', ['concrete_verbs', 'abstract_verbs']))),
+    ('noun_verb', (('nouns', ['concrete_nouns', 'abstract_nouns']),
+                   ('verbs', ['concrete_verbs', 'abstract_verbs']))),
     ('concrete_abstract', (('concrete', ['concrete_nouns', 'concrete_verbs']),
                            ('abstract', ['abstract_nouns', 'abstract_verbs']))),
     ('noun_verb_concrete', (('concrete nouns', ['concrete_nouns']), ('concrete verbs', ['concrete_verbs']))),
     ('noun_verb_abstract', (('abstract nouns', ['abstract_nouns']), ('abstract verbs', ['abstract_verbs']))),
     ('sentiment', (('positive', ['positive']), ('negative', ['negative']))),
 ])
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, no traceback."""
 
 # -----------------------------------------------------------------------------
 # Stimuli. Everything is written here and drawn from the seed, so a run is reproducible anywhere.
@@ -121,8 +135,8 @@ def language_stimuli(seed, n=200):
     for subject, predicate, adverbial in rng.sample(combos, n):
         words = f"{subject} {predicate} {adverbial}".split()
         fake = [nonword(rng, len(w)) for w in words]
-        sentences.append(' '.join(words).capitalize().replace('sunday', 'Sunday') + '.')
-        nonwords.append(' '.join(fake).capitalize() + '.')
+        sentences.append(words[0].capitalize() + ' ' + ' '.join(words[1:]) + '.')
+        nonwords.append(fake[0].capitalize() + ' ' + ' '.join(fake[1:]) + '.')
     return {'sentences': sentences, 'nonwords': nonwords}
 
 # Word class x meaning (after Moseley & Pulvermueller 2014): 48 single words in each cell of
@@ -176,7 +190,7 @@ def sentiment_stimuli(seed, n=200):
 # words a non-word must not be: every word used here, and short English words the generator can make
 _REAL_WORDS = set(' '.join(_SUBJECTS.split('|') + _PREDICATES.split('|') + _ADVERBIALS.split('|')).split())
 _REAL_WORDS |= {w for ws in WORDS.values() for w in ws}
-_REAL_WORDS |= set("""ab ad id of up ok ox ex ax ago ado ego emu uno obi ova aka ufo ova data diva
+_REAL_WORDS |= set("""ab ad id of up ok ox ex ax ago ado ego emu uno obi ova aka ufo data diva
 lava menu memo nova pita polo sofa soda solo tuna visa kilo tofu demo gala mama papa tutu bozo dodo limo
 logo taco toga vino veto zero mono sumo tuba puma koala bravo plaza drama pasta salami tomato banana
 potato kimono bikini safari""".split())
@@ -205,7 +219,8 @@ def read_stimuli_csv(path):
         raise UsageError(f"{path}: needs exactly two conditions, found {len(groups)}: {list(groups)}")
     for cond, texts in groups.items():
         if len(texts) < 2:
-            raise UsageError(f"{path}: condition {cond!r} has {len(texts)} non-empty texts; a t-test needs 2 or more")
+            raise UsageError(f"{path}: condition {cond!r} has {len(texts)} non-empty texts; "
+                             f"a t-test needs 2 or more")
     return os.path.splitext(os.path.basename(path))[0], groups
 
 # -----------------------------------------------------------------------------
@@ -217,10 +232,15 @@ def load_model(path, device='cpu'):
     import torch
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint file {path}")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception:
-        raise UsageError(f"{path} is not a torch checkpoint") from None
+    ckpt = unreadable = object()
+    for mmap in (True, False):  # mmap: peek at the keys without reading every tensor (zip format only)
+        try:
+            ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=mmap)
+            break
+        except Exception:
+            pass
+    if ckpt is unreadable:
+        raise UsageError(f"{path} is not a torch checkpoint")
     if not isinstance(ckpt, dict) or 'model_type' not in ckpt:
         raise UsageError(f"{path} is a foreign checkpoint (no 'model_type'): expected one written by "
                          f"topo_gpt.py or topoformer.py")
@@ -259,7 +279,7 @@ def unit_responses(model, texts, batch_size=64, device='cpu', log=print):
             raise UsageError(f"stimulus {texts[i][:40]!r}... has {len(x)} tokens, more than the "
                              f"model's block_size {block_size}")
         by_length[len(x)].append(i)
-    out, t0 = None, time.time()
+    out, t0, done, shown = None, time.time(), 0, time.time()
     model.eval()
     # the logits are not needed here, and the output head (T x vocab per text) costs as much as all
     # the blocks of a small model: let it see only the last position
@@ -276,6 +296,10 @@ def unit_responses(model, texts, batch_size=64, device='cpu', log=print):
                         out = OrderedDict((k, np.zeros((len(texts), m.size(-1)))) for k, m in maps.items())
                     for k, m in maps.items():
                         out[k][chunk] = m.float().mean(dim=1).cpu().numpy()
+                    done += len(chunk)
+                    if time.time() - shown > 10:  # a big model takes a while: say how far it got
+                        log(f"  {done}/{len(texts)} stimuli...")
+                        shown = time.time()
     finally:
         if hook is not None:
             hook.remove()
@@ -445,12 +469,18 @@ def clusters(mask):
     return labels, sizes
 
 def patches(t, significant, min_size=25):
-    """Patches of a t-map: the 4-connected clusters of significant units, positive and negative t
-    separately, of at least min_size units. Returns {'positive': sizes, 'negative': sizes}, largest first."""
-    out = {}
-    for sign, mask in (('positive', significant & (t > 0)), ('negative', significant & (t < 0))):
-        out[sign] = sorted((s for s in clusters(mask)[1] if s >= min_size), reverse=True)
-    return out
+    """
+    Patches of a t-map: the 4-connected clusters of significant units, positive and negative t
+    separately, of at least min_size units. Returns {'positive': sizes, 'negative': sizes} (largest
+    first) and a map (H, W) that is +1 on the units of positive patches, -1 on negative ones, else 0.
+    """
+    sizes, where = {}, np.zeros(t.shape, dtype=np.int64)
+    for sign, s, mask in (('positive', 1, significant & (t > 0)), ('negative', -1, significant & (t < 0))):
+        labels, all_sizes = clusters(mask)
+        big = [k + 1 for k, n in enumerate(all_sizes) if n >= min_size]
+        sizes[sign] = sorted((all_sizes[k - 1] for k in big), reverse=True)
+        where[np.isin(labels, big)] = s
+    return sizes, where
 
 def correlation_profile(responses):
     """
@@ -481,7 +511,7 @@ def correlation_profile(responses):
 
 def contrast_stats(grids, ia, ib, q_level, min_size):
     """Welch t of group ia - group ib for every unit of every map (grids: {map: (N, H, W)}), FDR over
-    all units of all maps together. Returns {map: dict(t, significant, morans_i, percent, patches)}."""
+    all units of all maps together. Returns {map: dict(t, significant, morans_i, percent, patches, ...)}."""
     ts, ps = {}, {}
     for name, g in grids.items():
         t, df = welch_t(g[ia], g[ib])
@@ -490,20 +520,22 @@ def contrast_stats(grids, ia, ib, q_level, min_size):
     out = OrderedDict()
     for (name, t), qk in zip(ts.items(), q):
         sig = qk < q_level
-        out[name] = dict(t=t, significant=sig, morans_i=morans_i(t), patches=patches(t, sig, min_size),
+        sizes, where = patches(t, sig, min_size)
+        out[name] = dict(t=t, significant=sig, morans_i=morans_i(t), patches=sizes, patch_map=where,
                          percent=100 * sig.mean(), percent_positive=100 * (sig & (t > 0)).mean(),
                          percent_negative=100 * (sig & (t < 0)).mean())
     return out
 
 def _mean_sd(values):
     v = np.asarray(values, np.float64)
+    # the sd is the spread of the shuffles themselves (population sd), 0 for a single shuffle
     return dict(mean=float(np.mean(v)), sd=float(np.std(v))) if len(v) else dict(mean=None, sd=None)
 
 def analyze_model(model, info, suites, cfg, log=print):
     """
     Everything for one model. suites: [(contrast name, {condition: texts}, (label, conditions) of the
     first group, the same of the second)].
-    Returns (metrics dict, {contrast: {map: (t grid, significant grid)}}, {map: (distances, mean r)}).
+    Returns (metrics dict, {contrast: {map: (t grid, patch map)}}, {map: (distances, mean r)}).
     """
     conditions = OrderedDict()
     for _, groups, _, _ in suites:
@@ -532,24 +564,34 @@ def analyze_model(model, info, suites, cfg, log=print):
         for _ in range(cfg['n_shuffles']):
             perm = rng.permutation(pooled)
             nulls.append(contrast_stats(grids, perm[:len(ia)], perm[len(ia):], cfg['fdr'], cfg['min_patch']))
-        n_patches = lambda x: len(x['patches']['positive']) + len(x['patches']['negative'])
+        n_patches = lambda sizes: len(sizes['positive']) + len(sizes['negative'])
+        largest = lambda sizes: max(sizes['positive'] + sizes['negative'] + [0])
         maps = OrderedDict()
         for m, s in real.items():
+            # the patches that chance alone makes at this share of selective units: the same t-map with
+            # its units' places shuffled (when most units are selective, random neighbours join into
+            # big clusters too: percolation, as in the non-topographic control)
+            scattered = [patches(s['t'].ravel()[p].reshape(s['t'].shape),
+                                 s['significant'].ravel()[p].reshape(s['t'].shape), cfg['min_patch'])[0]
+                         for p in (rng.permutation(s['t'].size) for _ in range(cfg['n_shuffles']))]
             maps[m] = dict(morans_i=s['morans_i'],
                            morans_i_null=_mean_sd([n[m]['morans_i'] for n in nulls]),
                            percent_selective=s['percent'], percent_positive=s['percent_positive'],
                            percent_negative=s['percent_negative'],
                            percent_selective_null=_mean_sd([n[m]['percent'] for n in nulls]),
-                           patches=s['patches'], n_patches=n_patches(s),
-                           n_patches_null=_mean_sd([n_patches(n[m]) for n in nulls]))
+                           patches=s['patches'], n_patches=n_patches(s['patches']),
+                           n_patches_null=_mean_sd([n_patches(n[m]['patches']) for n in nulls]),
+                           largest_patch=largest(s['patches']),
+                           n_patches_scattered=_mean_sd([n_patches(x) for x in scattered]),
+                           largest_patch_scattered=_mean_sd([largest(x) for x in scattered]))
         metrics['contrasts'][name] = dict(
             conditions=[label_a, label_b], n_stimuli=[len(ia), len(ib)],
             mean_morans_i=float(np.nanmean([v['morans_i'] for v in maps.values()])),
             mean_morans_i_null=_mean_sd([np.nanmean([n[m]['morans_i'] for m in n]) for n in nulls]),
-            percent_selective=float(np.mean([v['percent_selective'] for v in maps.values()])),
+            percent_selective=float(np.mean([v['percent_selective'] for v in maps.values()])),  # of all units
             percent_selective_null=_mean_sd([np.mean([n[m]['percent'] for m in n]) for n in nulls]),
             maps=maps)
-        tmaps[name] = OrderedDict((m, (s['t'], s['significant'])) for m, s in real.items())
+        tmaps[name] = OrderedDict((m, (s['t'], s['patch_map'])) for m, s in real.items())
         log(f"  {name}: done ({cfg['n_shuffles']} shuffles)")
     profiles = OrderedDict((m, correlation_profile(g)) for m, g in grids.items())
     metrics['correlation_profile'] = OrderedDict(
@@ -560,58 +602,53 @@ def analyze_model(model, info, suites, cfg, log=print):
 # Plotting
 
 def _layout(names):
-    """Map names 'h.<layer>.<kind>' -> (row = layer, column = kind); (rows, kinds)."""
-    layers, kinds = [], []
-    for n in names:
-        parts = n.split('.')
-        layer, kind = (parts[1], parts[-1]) if len(parts) == 3 else (n, '')
-        layers += [layer] if layer not in layers else []
-        kinds += [kind] if kind not in kinds else []
-    where = {}
-    for n in names:
-        parts = n.split('.')
-        layer, kind = (parts[1], parts[-1]) if len(parts) == 3 else (n, '')
-        where[n] = (layers.index(layer), kinds.index(kind))
-    return where, len(layers), len(kinds)
+    """Map names 'h.<layer>.<kind>' -> ({name: (row = layer, column = kind)}, n rows, n columns)."""
+    keys = [tuple(n.split('.')[1:]) if n.count('.') == 2 else (n, '') for n in names]
+    layers, kinds = list(dict.fromkeys(k[0] for k in keys)), list(dict.fromkeys(k[1] for k in keys))
+    return {n: (layers.index(l), kinds.index(k)) for n, (l, k) in zip(names, keys)}, len(layers), len(kinds)
 
 def _label(info):
     return f"{info['model_type']} ({'topographic' if info['topographic'] else 'non-topographic'})"
 
-def plot_contrast(path, name, blocks, title):
+def plot_contrast(path, blocks, title):
     """
     t-maps of one contrast: a grid of layers x maps for each model, side by side (the model on the
-    left, its control on the right), one symmetric colour scale, selective units outlined.
-    blocks: [(model label, {map: (t, significant)}, {map: metrics of the map})].
+    left, its control on the right), one symmetric colour scale, patches outlined.
+    blocks: [(model label, {map: (t, patch map)}, {map: metrics of the map})].
     """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     layouts = [_layout(list(tm)) for _, tm, _ in blocks]
     n_rows = max(l[1] for l in layouts)
-    n_cols = sum(l[2] for l in layouts)
+    # the blocks' columns, with a narrow empty column between two blocks
+    ratios = [r for i, l in enumerate(layouts) for r in ([0.25] if i else []) + [1] * l[2]]
     vmax = max(float(np.abs(t).max()) for _, tm, _ in blocks for t, _ in tm.values()) or 1.0
-    width, height = 2.0 * n_cols + 1.0, 2.2 * n_rows + 0.9
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width, height), squeeze=False)
+    content = 2.0 * sum(ratios)  # inches of maps; plus 0.1 left, 1.0 right for the colour bar
+    width, height = max(content + 1.1, 8.0), 2.2 * n_rows + 1.0  # at least 8 inches: room for the title
+    pad = (width - content - 1.1) / 2  # centre narrow grids
+    fig = plt.figure(figsize=(width, height))
     # fixed margins: constrained/tight layout would take seconds per figure
-    fig.subplots_adjust(left=0.1 / width, right=1 - 1.0 / width, bottom=0.1 / height, top=1 - 0.9 / height,
-                        wspace=0.15, hspace=0.5)
-    for ax in axes.ravel():
-        ax.axis('off')
+    gs = fig.add_gridspec(n_rows, len(ratios), width_ratios=ratios, left=(0.1 + pad) / width,
+                          right=1 - (1.0 + pad) / width, bottom=0.2 / height, top=1 - 1.0 / height,
+                          wspace=0.15, hspace=0.5)
     col0 = 0
     for (label, tm, mm), (where, _, n_kinds) in zip(blocks, layouts):
-        for m, (t, sig) in tm.items():
+        for m, (t, patch_map) in tm.items():
             r, c = where[m]
-            ax = axes[r, col0 + c]
+            ax = fig.add_subplot(gs[r, col0 + c])
+            ax.axis('off')
             im = ax.imshow(t, cmap='RdBu_r', vmin=-vmax, vmax=vmax, interpolation='nearest')
-            if sig.any() and not sig.all():  # outline along the cell edges: contour a 9x upsampled mask
-                H, W = sig.shape
-                ax.contour(np.kron(sig, np.ones((9, 9))), levels=[0.5], colors='k', linewidths=0.6,
-                           extent=(-0.5, W - 0.5, -0.5, H - 0.5), origin='upper')
+            H, W = patch_map.shape
+            for patch in (patch_map > 0, patch_map < 0):
+                if patch.any():  # outline along the cell edges: contour a 9x upsampled mask
+                    ax.contour(np.kron(patch, np.ones((9, 9))), levels=[0.5], colors='k', linewidths=0.8,
+                               extent=(-0.5, W - 0.5, -0.5, H - 0.5), origin='upper')
             null = mm[m]['morans_i_null']['mean']
-            ax.set_title(f"{label.split()[0] if len(blocks) > 1 else ''} {m}\nI={mm[m]['morans_i']:.2f}"
+            ax.set_title(f"{label.split(':')[0] if len(blocks) > 1 else ''} {m}\nI={mm[m]['morans_i']:.2f}"
                          + (f" (null {null:.2f})" if null is not None else ''), fontsize=8)
-        col0 += n_kinds
-    fig.colorbar(im, cax=fig.add_axes([1 - 0.75 / width, 0.2, 0.15 / width, 0.6]), label="Welch's t")
+        col0 += n_kinds + 1
+    fig.colorbar(im, cax=fig.add_axes([1 - (0.75 + pad) / width, 0.2, 0.15 / width, 0.6]), label="Welch's t")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -622,7 +659,7 @@ def plot_profiles(path, models, title):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False, sharey=True)
-    fig.subplots_adjust(left=0.1 / len(models), right=0.98, bottom=0.13, top=0.85, wspace=0.1)
+    fig.subplots_adjust(left=0.8 / (5 * len(models)), right=0.98, bottom=0.13, top=0.85, wspace=0.1)
     for ax, (label, profiles) in zip(axes[0], models):
         colours = plt.cm.viridis(np.linspace(0.9, 0.1, len(profiles)))
         for (m, (d, r)), col in zip(profiles.items(), colours):
@@ -640,38 +677,13 @@ def plot_profiles(path, models, title):
 # main
 
 def parse_args(argv):
-    """First positional argument = checkpoint; --key=value for the config keys (type checked), bare
-    --flag for booleans. Returns (checkpoint path, config dict)."""
-    if '-h' in argv or '--help' in argv:
-        print(__doc__.strip() + '\n\nconfig keys (--key=value):')
-        for k, v in DEFAULTS.items():
-            print(f"  --{k}={v}")
-        sys.exit(0)
-    given, positional = {}, []
-    for arg in argv:
-        if not arg.startswith('--'):
-            positional.append(arg)
-            continue
-        key, eq, val = arg[2:].partition('=')
-        if key not in DEFAULTS:
-            raise UsageError(f"unknown config key {key!r} (see --help for the list)")
-        default = DEFAULTS[key]
-        if not eq:
-            if not isinstance(default, bool):
-                raise UsageError(f"--{key} needs a value, e.g. --{key}={default}")
-            given[key] = True
-        elif isinstance(default, bool):
-            if val.lower() not in ('true', 'false', '1', '0'):
-                raise UsageError(f"--{key}={val}: expected True or False")
-            given[key] = val.lower() in ('true', '1')
-        else:
-            try:
-                given[key] = type(default)(val)
-            except ValueError:
-                raise UsageError(f"--{key}={val}: expected a {type(default).__name__}") from None
-    if len(positional) != 1:
+    """First positional argument = the checkpoint; --key=value for the config keys, parsed as
+    topo_gpt.py parses its own. Returns (checkpoint path, config dict)."""
+    positional = [a for a in argv if not a.startswith('-')]
+    if len(positional) != 1 and not {'-h', '--help'} & set(argv):
         raise UsageError("usage: python analyze.py CHECKPOINT [--key=value ...] (see --help)")
-    return positional[0], {**DEFAULTS, **given}
+    cfg, _ = parse_keys([a for a in argv if a.startswith('-')], DEFAULTS, {}, __doc__)
+    return positional[0], cfg
 
 def select_suites(cfg):
     """[(contrast name, {condition: texts}, (label, conditions) of group A, the same of B)] for the run."""
@@ -689,31 +701,36 @@ def select_suites(cfg):
     return [(n, {c: stim[c] for c in CONTRASTS[n][0][1] + CONTRASTS[n][1][1]}, *CONTRASTS[n]) for n in names]
 
 def _fmt(x, spec='.2f'):
-    return 'nan' if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    return '-' if x is None else format(x, spec)  # None: no shuffles, or a ratio with a zero control
 
 def print_table(name, results):
-    """The compact per-contrast table: per map, for each model, Moran's I, its null, % selective and
-    patches (+/-), then I_topo / I_control when there is a control."""
+    """
+    The compact per-contrast table: per map and model, Moran's I and its shuffled-label null, % selective
+    units and its null, patches (+/-), the largest patch and (in brackets) the largest one that the same
+    selective units make at scattered places; then I_topo / I_control when there is a control.
+    """
     first = results[0]['contrasts'][name]
     a, b = first['conditions']
     print(f"\n{name}: {a} - {b} ({first['n_stimuli'][0]} vs {first['n_stimuli'][1]} stimuli)")
+    cols = ['I', 'null I', '%sel', 'null', 'patch+/-', 'max (scat)']
+    widths = [6, 11, 5, 5, 8, 10]
     head = f"{'map':12s}"
     for label in ['model', 'control'][:len(results)]:
-        head += f" | {label + ' I':>10s} {'null I':>11s} {'%sel':>5s} {'null':>5s} {'patch+/-':>8s}"
-    if len(results) == 2:
-        head += f" | {'I ratio':>7s}"
-    print(head)
+        head += ' | ' + ' '.join(f"{(label + ' ' + c) if c == 'I' else c:>{w}s}" for c, w in zip(cols, widths))
+    print(head + (f" | {'I ratio':>7s}" if len(results) == 2 else ''))
     for m in first['maps']:
         line = f"{m:12s}"
         for res in results:
             v = res['contrasts'][name]['maps'].get(m)
-            if v is None:
-                line += f" | {'':>10s} {'':>11s} {'':>5s} {'':>5s} {'':>8s}"
+            if v is None:  # a control with other maps
+                line += ' | ' + ' '.join(' ' * w for w in widths)
                 continue
-            null = v['morans_i_null']
-            line += (f" | {_fmt(v['morans_i']):>10s} {_fmt(null['mean']) + '±' + _fmt(null['sd']):>11s}"
-                     f" {v['percent_selective']:5.1f} {_fmt(v['percent_selective_null']['mean'], '5.1f')}"
-                     f" {len(v['patches']['positive']):>4d}/{len(v['patches']['negative']):<3d}")
+            null, scat = v['morans_i_null'], v['largest_patch_scattered']['mean']
+            cells = [_fmt(v['morans_i']), f"{_fmt(null['mean'])}±{_fmt(null['sd'])}",
+                     f"{v['percent_selective']:.1f}", _fmt(v['percent_selective_null']['mean'], '.1f'),
+                     f"{len(v['patches']['positive'])}/{len(v['patches']['negative'])}",
+                     f"{v['largest_patch']} ({_fmt(scat, '.0f')})"]
+            line += ' | ' + ' '.join(f"{c:>{w}s}" for c, w in zip(cells, widths))
         if len(results) == 2:
             vc = results[1]['contrasts'][name]['maps'].get(m)
             line += f" | {_fmt(_ratio(first['maps'][m]['morans_i'], vc and vc['morans_i'])):>7s}"
@@ -756,23 +773,23 @@ def run(ckpt_path, cfg, log=print):
     labels = [f"{role}: {_label(r)}" for r, role in zip(results, ['model', 'control'])]
     for name, *_ in suites:
         c = results[0]['contrasts'][name]
-        title = (f"{name}: t({c['conditions'][0]} - {c['conditions'][1]}), selective units outlined "
-                 f"(BH q < {cfg['fdr']}){smoothing}\n" + '   |   '.join(labels))
-        plot_contrast(os.path.join(out, f"{name}.png"), name,
-                      [(lab, tm[name], r['contrasts'][name]['maps']) for lab, tm, r in zip(labels, tmaps, results)],
-                      title)
+        title = (f"{name}: t({c['conditions'][0]} - {c['conditions'][1]}); outlined: patches of >= "
+                 f"{cfg['min_patch']} selective units (BH q < {cfg['fdr']}){smoothing}\n" + '   |   '.join(labels))
+        blocks = [(lab, tm[name], r['contrasts'][name]['maps']) for lab, tm, r in zip(labels, tmaps, results)]
+        plot_contrast(os.path.join(out, f"{name}.png"), blocks, title)
     plot_profiles(os.path.join(out, 'correlation_distance.png'), list(zip(labels, profiles)),
                   f"response correlation vs grid distance, over all stimuli{smoothing}")
 
-    metrics = dict(checkpoint=ckpt_path, control=cfg['control'] or None, config=cfg,
-                   model=results[0], control_model=results[1] if len(results) > 1 else None)
+    metrics = dict(config=cfg, model=results[0], control=results[1] if len(results) > 1 else None)
     if len(results) > 1:
         metrics['comparison'] = OrderedDict()
         for name, *_ in suites:
             a, b = results[0]['contrasts'][name], results[1]['contrasts'][name]
             metrics['comparison'][name] = dict(
                 mean_morans_i=[a['mean_morans_i'], b['mean_morans_i']],
+                # the ratio asked for; a control's I is near 0 (random places), so the difference is steadier
                 ratio=_ratio(a['mean_morans_i'], b['mean_morans_i']),
+                difference=a['mean_morans_i'] - b['mean_morans_i'],
                 percent_selective=[a['percent_selective'], b['percent_selective']],
                 map_ratio={m: _ratio(v['morans_i'], b['maps'].get(m, {}).get('morans_i'))
                            for m, v in a['maps'].items()})
@@ -780,21 +797,23 @@ def run(ckpt_path, cfg, log=print):
         json.dump(_json_ready(metrics), f, indent=1)
 
     if smoothing:
-        print(f"\nall figures below: response{smoothing}")
+        print(f"\nall numbers below{smoothing}")
     for name, *_ in suites:
         print_table(name, results)
     print()
-    for name, *_ in suites:
+    for name, *_ in suites:  # the one-line summary per contrast
         a = results[0]['contrasts'][name]
-        line = (f"{name}: mean Moran's I {_fmt(a['mean_morans_i'])} "
-                f"(shuffled labels {_fmt(a['mean_morans_i_null']['mean'])}), {a['percent_selective']:.1f}% selective")
-        if len(results) > 1:
-            b = results[1]['contrasts'][name]
-            line = (f"{name}: mean Moran's I topo {_fmt(a['mean_morans_i'])} vs control "
-                    f"{_fmt(b['mean_morans_i'])} (ratio {_fmt(metrics['comparison'][name]['ratio'])}); "
-                    f"selective {a['percent_selective']:.1f}% vs {b['percent_selective']:.1f}%")
-        print(line)
-    print(f"\nwrote {out}/: {', '.join(n for n, *_ in suites)}.png, correlation_distance.png, metrics.json")
+        topo = f"{_fmt(a['mean_morans_i'])} (shuffled {_fmt(a['mean_morans_i_null']['mean'])})"
+        if len(results) == 1:
+            print(f"{name}: mean Moran's I {topo}, {a['percent_selective']:.1f}% selective")
+            continue
+        b = results[1]['contrasts'][name]
+        ctrl = f"{_fmt(b['mean_morans_i'])} (shuffled {_fmt(b['mean_morans_i_null']['mean'])})"
+        comp = metrics['comparison'][name]
+        print(f"{name}: mean Moran's I topo {topo} vs control {ctrl}: difference {_fmt(comp['difference'])}, "
+              f"ratio {_fmt(comp['ratio'])}; selective {a['percent_selective']:.1f}% "
+              f"vs {b['percent_selective']:.1f}%")
+    print(f"\nwrote {out}/: {', '.join(f'{n}.png' for n, *_ in suites)}, correlation_distance.png, metrics.json")
     return metrics
 
 def main(argv=None):

@@ -98,12 +98,16 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # The spatial correlation loss (TDANN, as TopoLM uses it)
 
+def distance_kernel(d):
+    """How alike two units at distance d should respond: TopoLM's inverse distance, 1 / (1 + d)."""
+    return 1 / (1 + d)
+
 def spatial_correlation_loss(x, pos):
     """
     For one neighbourhood of n units with responses x (N samples, n units) at grid positions pos (n, 2):
 
         r_ij = corr(x_i, x_j)                      response correlation of units i and j over the samples
-        D_ij = 1 / (1 + ||pos_i - pos_j||)         inverse cortical distance
+        D_ij = 1 / (1 + ||pos_i - pos_j||)         inverse cortical distance (distance_kernel)
         SL   = 0.5 * (1 - corr(lowtri(r), lowtri(D)))
 
     lowtri = the strict lower triangle (each pair once). SL is 0 when correlations fall off with distance
@@ -120,7 +124,7 @@ def spatial_correlation_loss(x, pos):
     std = (cov.diagonal(dim1=1, dim2=2) + 1e-8).sqrt()  # (K, n); eps: a silent unit gives r = 0, not NaN
     r = cov / (std[:, :, None] * std[:, None, :])
     # D: (K, n, n) inverse Euclidean distance between the units' grid positions
-    D = 1 / (1 + (pos[:, :, None, :] - pos[:, None, :, :]).norm(dim=-1))
+    D = distance_kernel((pos[:, :, None, :] - pos[:, None, :, :]).norm(dim=-1))
     i, j = torch.tril_indices(n, n, offset=-1, device=x.device)
     r, D = r[:, i, j], D[:, i, j]  # (K, P), P = n(n-1)/2 pairs
     # Pearson correlation between r and D, per neighbourhood
@@ -381,24 +385,26 @@ def get_batch(data, batch_size, block_size, device, generator=None):
 class UsageError(Exception):
     """Bad input from the user: printed as one line, no traceback."""
 
-def parse_args(argv):
+def parse_args(argv, defaults=DEFAULTS, presets=PRESETS, doc=__doc__):
     """--key=value for any key of the config block (type checked), bare --flag for booleans,
-    --preset=NAME first. Returns the full config and the keys the user set (preset included)."""
+    --preset=NAME first. Returns the full config and the keys the user set (preset included).
+    (analyze.py parses its own keys with it too.)"""
     if '-h' in argv or '--help' in argv:
-        print(__doc__.strip() + '\n\nconfig keys (--key=value):')
-        for k, v in DEFAULTS.items():
+        print(doc.strip() + '\n\nconfig keys (--key=value):')
+        for k, v in defaults.items():
             print(f"  --{k}={v}")
-        print('presets: ' + ', '.join(f"{name} ({', '.join(f'{k}={v}' for k, v in p.items())})"
-                                      for name, p in PRESETS.items()))
+        if presets:
+            print('presets: ' + ', '.join(f"{name} ({', '.join(f'{k}={v}' for k, v in p.items())})"
+                                          for name, p in presets.items()))
         sys.exit(0)
     given = {}
     for arg in argv:
         if not arg.startswith('--'):
             raise UsageError(f"unexpected argument {arg!r}: options look like --key=value (see --help)")
         key, eq, val = arg[2:].partition('=')
-        if key not in DEFAULTS:
+        if key not in defaults:
             raise UsageError(f"unknown config key {key!r} (see --help for the list)")
-        default = DEFAULTS[key]
+        default = defaults[key]
         if not eq:
             if not isinstance(default, bool):
                 raise UsageError(f"--{key} needs a value, e.g. --{key}={default}")
@@ -413,10 +419,10 @@ def parse_args(argv):
             except ValueError:
                 raise UsageError(f"--{key}={val}: expected a {type(default).__name__}") from None
     if given.get('preset'):
-        if given['preset'] not in PRESETS:
-            raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(PRESETS)}")
-        given = {**PRESETS[given['preset']], **given}  # explicit keys win over the preset
-    return {**DEFAULTS, **given}, given
+        if given['preset'] not in presets:
+            raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
+        given = {**presets[given['preset']], **given}  # explicit keys win over the preset
+    return {**defaults, **given}, given
 
 def pick_device(name):
     if name != 'auto':
@@ -607,9 +613,10 @@ def main(argv):
         if master and iter_num % cfg['log_interval'] == 0:
             dt = (time.time() - t0) / cfg['log_interval']
             t0 = time.time()
-            sl = raw_model.spatial_loss.item() if model_args['alpha'] > 0 else float('nan')
-            msg = (f"iter {iter_num}: loss {loss:.4f} (ce {raw_model.ce_loss.item():.4f}, spatial {sl:.4f}), "
-                   f"lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s")
+            parts = f"ce {raw_model.ce_loss.item():.4f}, " + (f"spatial {raw_model.spatial_loss.item():.4f}"
+                                                             if model_args['alpha'] > 0 else "control")
+            msg = (f"iter {iter_num}: loss {loss:.4f} ({parts}), lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                   f"{tokens_per_iter / dt:,.0f} tok/s")
             if device_type == 'cuda':
                 msg += f", mfu {raw_model.estimate_mfu(tokens_per_iter, dt) * 100:.1f}%"
             print(msg, flush=True)
