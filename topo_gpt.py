@@ -57,7 +57,7 @@ n_head = 4
 n_embd = 256  # must be a perfect square: 256 units = a 16 x 16 grid
 dropout = 0.0
 bias = False
-# topography (Rathi et al. 2025, section 3)
+# topography (Rathi et al. 2025)
 alpha = 2.5  # weight of the spatial loss; 0 = the non-topographic control
 radius = 5  # neighbourhood = square window of side 2*radius-1 (radius 5: 9 x 9 = 81 units)
 n_neighborhoods = 5  # windows sampled per map per step
@@ -84,13 +84,14 @@ DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str))}
 
 PRESETS = {
-    # TopoLM as trained in the paper (appendix A): GPT-2 small shape on a 28 x 28 grid, FineWeb-Edu
+    # TopoLM as trained in the paper: GPT-2 small's shape on a 28 x 28 grid, FineWeb-Edu, ~0.5M tokens
+    # per step (12 x 1024 x 40); 20k steps = one pass over the 10B-token sample
     'paper': dict(dataset='fineweb-edu', n_layer=12, n_head=16, n_embd=784, block_size=1024,
                   batch_size=12, gradient_accumulation_steps=40, dropout=0.0, bias=True,
                   learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-                  warmup_iters=2000, max_iters=20000, min_lr=6e-5,  # ~0.5M tokens/step: one pass of 10BT alpha=2.5, radius=5,
+                  warmup_iters=2000, max_iters=20000, min_lr=6e-5, alpha=2.5, radius=5,
                   n_neighborhoods=5, eval_interval=2000, eval_iters=200),
-    # the five-minute classroom loop (README, "Exercises"): a model and its control in about 2 min each
+    # the five-minute classroom loop (README, "Classroom"): a model and its control in about 2 min each
     'classroom': dict(n_layer=2, n_head=4, n_embd=256, block_size=64, batch_size=8, max_iters=250,
                       eval_interval=50, eval_iters=10, warmup_iters=25),
 }
@@ -234,7 +235,7 @@ class GPT(nn.Module):
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-        # every map gets its own random placement of its units on the grid (section 3.1); buffers,
+        # every map gets its own random placement of its units on the grid; buffers,
         # so they travel in every checkpoint. unit_pos[m, u] = (row, col) of unit u of map m,
         # grid[m, row, col] = the unit at that place.
         self.map_names = [f'h.{l}.{s}' for l in range(config.n_layer) for s in ('attn', 'mlp')]
@@ -276,7 +277,8 @@ class GPT(nn.Module):
             self.ce_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                            ignore_index=-1)
             loss = self.ce_loss
-            # the control (alpha=0) skips the spatial loss in training; evaluation still measures it
+            # loss = CE + alpha * sum over maps of SL. The control (alpha=0) skips the spatial loss
+            # in training; evaluation still measures it
             if self.config.alpha > 0 or not self.training:
                 self.spatial_loss = self.spatial_loss_of(maps)
                 loss = loss + self.config.alpha * self.spatial_loss
@@ -292,10 +294,10 @@ class GPT(nn.Module):
         # gather the sampled units of each map: M small gathers, no loop over neighbourhoods
         x = torch.cat([m.reshape(-1, m.size(-1)).index_select(1, u.flatten()) for m, u in zip(maps, units)], 1)
         x = x.view(x.size(0), M * K, n).transpose(0, 1)  # (M*K, N, n), N = B*T token positions
-        # correlations in float32 even under bf16 autocast; the function is looked up at call time,
-        # so that topo_gpt.spatial_correlation_loss = my_loss changes what the model trains with
+        # correlations in float32, even under bf16 autocast. (A global name is looked up at call time:
+        # topo_gpt.spatial_correlation_loss = my_loss changes what the model trains with.)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            sl = sys.modules[__name__].spatial_correlation_loss(x.float(), pos.view(M * K, n, 2).float())
+            sl = spatial_correlation_loss(x.float(), pos.view(M * K, n, 2).float())  # (M*K,)
         return sl.view(M, K).mean(dim=1).sum()
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
