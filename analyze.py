@@ -342,7 +342,7 @@ def smooth(grids, fwhm):
     return kernel(H) @ grids @ kernel(W).T
 
 # -----------------------------------------------------------------------------
-# Statistics, written here (no scipy), each checked against hand values in tests_analyze.py
+# Statistics, written here (no scipy), each checked against hand values in test_topo.py
 
 def welch_t(a, b):
     """

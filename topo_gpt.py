@@ -93,7 +93,7 @@ PRESETS = {
                   n_neighborhoods=5, eval_interval=2000, eval_iters=200),
     # the five-minute classroom loop (README, "Classroom"): a model and its control in about 2 min each
     'classroom': dict(n_layer=2, n_head=4, n_embd=256, block_size=64, batch_size=8, max_iters=250,
-                      eval_interval=50, eval_iters=10, warmup_iters=25),
+                      eval_interval=125, eval_iters=10, warmup_iters=25),
 }
 
 # -----------------------------------------------------------------------------

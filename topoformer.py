@@ -120,7 +120,7 @@ PRESETS = {
                   dropout=0.1, sq=0.3, sr=0.3, batch_size=128, gradient_accumulation_steps=32,
                   learning_rate=1e-3, weight_decay=0.01, beta1=0.9, beta2=0.98, grad_clip=0.5,
                   warmup_iters=1000, max_iters=20000, min_lr=1e-5, eval_interval=1000, eval_iters=100),
-    # the five-minute classroom loop (README, "Exercises"): a model and its control in ~1.5 min each
+    # the five-minute classroom loop (README, "Classroom"): a model and its control in ~1.5 min each
     'classroom': dict(n_layer=2, n_head=1, n_embd=256, ffn_size=1024, block_size=64, batch_size=16,
                       max_iters=400, eval_interval=100, eval_iters=10, warmup_iters=20),
 }
