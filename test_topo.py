@@ -1,5 +1,5 @@
 """
-Tests for topo-lm. Run: python -m pytest -q test_topo.py  (about N minutes on a 2-core CPU)
+Tests for topo-lm. Run: python -m pytest -q test_topo.py  (about 3 minutes on a 2-core CPU)
 """
 import io
 import os

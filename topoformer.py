@@ -610,7 +610,7 @@ def train_step(model, optimizer, scaler, next_batch, cfg, ctx, ddp):
     return loss.item(), norm.item()
 
 @torch.no_grad()
-def test_accuracy(model, tokens, labels, batch_size, device, ctx):
+def accuracy(model, tokens, labels, batch_size, device, ctx):
     """Sentiment: the fraction of the reviews classified right, in order, all of them."""
     model.eval()
     right = 0
@@ -785,7 +785,7 @@ def main(argv):
                 msg += f", mfu {raw_model.estimate_mfu(items_per_iter, dt) * 100:.1f}%"
             print(msg, flush=True)
     if master and sentiment:
-        acc = test_accuracy(raw_model, *test_set, 2 * B, dev, ctx)
+        acc = accuracy(raw_model, *test_set, 2 * B, dev, ctx)
         print(f"test accuracy {acc:.4f} on {len(test_set[1])} reviews")
     if ddp:
         from torch.distributed import destroy_process_group
