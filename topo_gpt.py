@@ -587,7 +587,7 @@ def main(argv):
 
     os.makedirs(cfg['out_dir'], exist_ok=True)
     start_iter = iter_num
-    t0 = time.time()
+    t0, it0 = time.time(), iter_num  # the log's ms/iter: time since t0 over iterations since it0
     while True:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -604,7 +604,7 @@ def main(argv):
             if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
                 save_checkpoint(ckpt_path, raw_model, optimizer, iter_num, best_val_loss, cfg)
                 print(f"saved {ckpt_path}")
-            t0 = time.time()
+            t0, it0 = time.time(), iter_num
         if iter_num >= cfg['max_iters']:
             break
         loss, norm = train_step(model, optimizer, scaler, next_batch, cfg, ctx, ddp)
@@ -613,8 +613,8 @@ def main(argv):
                              f"stopped; {last_checkpoint(ckpt_path)}. Try a lower learning_rate or alpha.")
         iter_num += 1
         if master and iter_num % cfg['log_interval'] == 0:
-            dt = (time.time() - t0) / cfg['log_interval']
-            t0 = time.time()
+            dt = (time.time() - t0) / (iter_num - it0)
+            t0, it0 = time.time(), iter_num
             parts = f"ce {raw_model.ce_loss.item():.4f}, " + (f"spatial {raw_model.spatial_loss.item():.4f}"
                                                              if model_args['alpha'] > 0 else "control")
             msg = (f"iter {iter_num}: loss {loss:.4f} ({parts}), lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "

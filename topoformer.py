@@ -748,7 +748,7 @@ def main(argv):
         return out
 
     os.makedirs(cfg['out_dir'], exist_ok=True)
-    t0 = time.time()
+    t0, it0 = time.time(), iter_num  # the log's ms/iter: time since t0 over iterations since it0
     while True:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -766,7 +766,7 @@ def main(argv):
             if iter_num > 0:
                 save_checkpoint(ckpt_path, raw_model, optimizer, iter_num, best_val_loss, cfg)
                 print(f"saved {ckpt_path}")
-            t0 = time.time()
+            t0, it0 = time.time(), iter_num
         if iter_num >= cfg['max_iters']:
             break
         loss, norm = train_step(model, optimizer, scaler, lambda: batch('train'), cfg, ctx, ddp)
@@ -777,8 +777,8 @@ def main(argv):
                              f"stopped; {saved}. Try a lower learning_rate.")
         iter_num += 1
         if master and iter_num % cfg['log_interval'] == 0:
-            dt = (time.time() - t0) / cfg['log_interval']
-            t0 = time.time()
+            dt = (time.time() - t0) / (iter_num - it0)
+            t0, it0 = time.time(), iter_num
             msg = (f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                    f"{items_per_iter / dt:,.0f} {unit}/s")
             if device_type == 'cuda' and not sentiment:
