@@ -522,6 +522,9 @@ def main(argv):
                       residual_maps=cfg['residual_maps'], seed=cfg['seed'])
     if ckpt is not None:
         model_args = ckpt['model_args']  # the model is what was trained, whatever the flags say now
+        ignored = [k for k in given if model_args.get(k, given[k]) != given[k]]
+        if ignored and master:
+            print(f"note: --resume keeps the checkpoint's model; ignoring {', '.join(ignored)}")
     try:
         model = GPT(GPTConfig(**model_args))
     except ValueError as e:
