@@ -597,7 +597,7 @@ def main(argv):
             group['lr'] = lr
         if master and (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']):
             losses = estimate_loss()
-            (tce, tsl), (vce, vsl) = losses['train'], losses['val']
+            (tce, _), (vce, vsl) = losses['train'], losses['val']
             print(f"step {iter_num}: train ce {tce:.4f}, val ce {vce:.4f}, val spatial loss {vsl:.4f} "
                   f"(x alpha {model_args['alpha']} = {model_args['alpha'] * vsl:.4f})")
             if not all(map(math.isfinite, (tce, vce, vsl))):

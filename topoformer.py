@@ -748,6 +748,7 @@ def main(argv):
         return out
 
     os.makedirs(cfg['out_dir'], exist_ok=True)
+    start_iter = iter_num
     t0, it0 = time.time(), iter_num  # the log's ms/iter: time since t0 over iterations since it0
     while True:
         lr = get_lr(iter_num, cfg)
@@ -763,7 +764,7 @@ def main(argv):
                 raise UsageError(f"val loss is {vl} at iter {iter_num}: training diverged and stopped; the "
                                  f"last good checkpoint (if any) is {ckpt_path}. Try a lower learning_rate.")
             best_val_loss = min(best_val_loss, vl)
-            if iter_num > 0:
+            if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
                 save_checkpoint(ckpt_path, raw_model, optimizer, iter_num, best_val_loss, cfg)
                 print(f"saved {ckpt_path}")
             t0, it0 = time.time(), iter_num
