@@ -2,16 +2,16 @@
 TopoLM: a GPT whose units sit on a cortical sheet.
 
 Rathi, Mehrer, AlKhamissi, Binhuraib, Blauch, Schrimpf. "TopoLM: brain-like spatio-functional
-organization in a topographic language model". ICLR 2025.
+organization in a topographic language model". ICLR 2025. Official code: epflneuroailab/topolm.
 
 A GPT-2-style decoder (as in nanoGPT) in which the C = side*side units of every attention output and
-every MLP output are given a position on a side x side grid. Training adds to the next-token loss a
+every MLP output are given a place on a side x side grid. Training adds to the next-token loss a
 spatial correlation loss (from TDANN, Margalit et al. 2024): inside small windows of the grid, the
 response correlation of two units should track how close they are. Nearby units come to respond alike,
 and functional clusters (e.g. language-selective patches) appear on the grid.
 
-Read it top to bottom: config, model (the spatial loss first), spatial geometry, data loader, training
-loop, checkpointing.
+Read it top to bottom: config, topography (the spatial loss and the grid), model, data loader,
+training, checkpointing, and the training loop itself, main().
 
     python topo_gpt.py                      # laptop-size run on data/shakespeare (see README)
     python topo_gpt.py --alpha=0            # the non-topographic control
@@ -22,14 +22,23 @@ loop, checkpointing.
 """
 
 import os
+# Before torch loads OpenMP: its threads sleep while they wait instead of spinning. On a machine whose
+# cores are shared (a laptop, a CI box), spinning threads starve the one they wait for (README, "Speed").
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+import re
 import sys
 import math
 import time
 import random
+import json
+import pickle
+import signal
 import inspect
+import threading
 from collections import OrderedDict
-from contextlib import nullcontext
-from dataclasses import dataclass, asdict
+from contextlib import nullcontext, contextmanager
+from dataclasses import dataclass, asdict, fields
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,71 +46,182 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
-# config: plain defaults, each overridable on the command line as --key=value
-# (the defaults are a laptop run: about 11 minutes on a 2-core CPU, see README)
+# config: plain defaults, each overridable on the command line as --key=value. The comment says what a
+# key does; a check before its colon (>= 1, (0, 1], a|b) says which values the command line accepts.
 # I/O
-out_dir = 'out'
-eval_interval = 100
-log_interval = 10
-eval_iters = 20
+out_dir = 'out'  # where ckpt.pt is written
+eval_interval = 100  # >= 1: evaluate, and save a checkpoint, every this many steps
+log_interval = 10  # >= 1: print a training line every this many steps
+eval_iters = 20  # >= 1: batches per split in an evaluation
 resume = False  # continue the run in out_dir from its ckpt.pt
 # data
-data_dir = 'data'
+data_dir = 'data'  # where prepare_data.py writes its folders
 dataset = 'shakespeare'  # reads data_dir/dataset/{train,val}.bin, written by prepare_data.py
-gradient_accumulation_steps = 1
-batch_size = 8
-block_size = 128
+gradient_accumulation_steps = 1  # >= 1: micro-batches per optimizer step, over all processes
+batch_size = 8  # >= 1: sequences per micro-batch
+block_size = 128  # >= 1: tokens per sequence (the context)
 # model
-n_layer = 4
-n_head = 4
-n_embd = 256  # must be a perfect square: 256 units = a 16 x 16 grid
-dropout = 0.0
-bias = False
+n_layer = 4  # >= 1: transformer blocks; each has 2 maps
+n_head = 4  # >= 1: attention heads; must divide n_embd
+n_embd = 256  # >= 1: units per map, a perfect square: 256 units = a 16 x 16 grid
+dropout = 0.0  # [0, 1): dropout probability
+bias = False  # biases in the Linears and LayerNorms
 # topography (Rathi et al. 2025)
-alpha = 2.5  # weight of the spatial loss; 0 = the non-topographic control
-radius = 5  # neighbourhood = square window of side 2*radius-1 (radius 5: 9 x 9 = 81 units)
-n_neighborhoods = 5  # windows sampled per map per step
-residual_maps = False  # False: sublayer outputs are the maps (the paper); True: the residual stream
+alpha = 2.5  # >= 0: weight of the spatial loss; 0 = the non-topographic control
+radius = 5  # >= 1: neighbourhoods are windows of side 2*radius-1 (5: 9 x 9 = 81 units)
+n_neighborhoods = 5  # >= 1: windows drawn per map per step
+residual_maps = False  # the maps are the sublayer outputs (False, the paper) or the residual stream (True)
 # AdamW
-learning_rate = 1e-3
-max_iters = 600
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0
+learning_rate = 1e-3  # > 0: peak learning rate
+max_iters = 600  # >= 1: optimizer steps of the whole run
+weight_decay = 0.1  # >= 0: on 2-D weights (matmuls, embeddings)
+beta1 = 0.9  # [0, 1): AdamW's decay of the gradient's mean
+beta2 = 0.95  # [0, 1): AdamW's decay of the gradient's square
+grad_clip = 1.0  # >= 0: clip the gradient norm at this value; 0 = no clipping
 # learning rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
-warmup_iters = 50
-lr_decay_iters = 0  # 0 = max_iters
-min_lr = 1e-4
+warmup_iters = 50  # >= 0: steps of linear warmup
+lr_decay_iters = 0  # >= 0: the step at which the cosine decay reaches min_lr; 0 = max_iters
+min_lr = 1e-4  # >= 0: the learning rate after the decay
 # system
-device = 'auto'  # auto = cuda, then mps, then cpu
-compile = False
-seed = 1337
+device = 'auto'  # auto = cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps
+dtype = 'auto'  # auto|float32|bfloat16|float16: auto = bf16 on CUDA (else fp16) and on CPUs with native bf16
+compile = False  # compile the model with torch.compile
+seed = 1337  # >= 0: seeds the batches, the windows and the units' places
 bench = False  # time training steps with the spatial loss on and off, then exit
-preset = ''  # paper | classroom: a named set of overrides, applied before the other keys
+preset = ''  # a named set of overrides, applied before the other keys (see PRESETS)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str))}
 
 PRESETS = {
-    # TopoLM as trained in the paper: GPT-2 small's shape on a 28 x 28 grid, FineWeb-Edu, ~0.5M tokens
-    # per step (12 x 1024 x 40); 20k steps = one pass over the 10B-token sample
+    # TopoLM as trained in the paper and its official config (models/config/train_gpt2.yaml): GPT-2
+    # small's shape on a 28 x 28 grid, no biases, 48 x 1024 x 20 = 983,040 tokens per step. The step
+    # count is ours: 10k steps = one pass over FineWeb-Edu's 10B-token sample.
     'paper': dict(dataset='fineweb-edu', n_layer=12, n_head=16, n_embd=784, block_size=1024,
-                  batch_size=12, gradient_accumulation_steps=40, dropout=0.0, bias=True,
+                  batch_size=48, gradient_accumulation_steps=20, dropout=0.0, bias=False,
                   learning_rate=6e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-                  warmup_iters=2000, max_iters=20000, min_lr=6e-5, alpha=2.5, radius=5,
-                  n_neighborhoods=5, eval_interval=2000, eval_iters=200),
-    # the five-minute classroom loop (README, "Classroom"): a model and its control in about 2 min each
+                  warmup_iters=2000, max_iters=10000, min_lr=6e-5, alpha=2.5, radius=5,
+                  n_neighborhoods=5, eval_interval=1000, eval_iters=200),
+    # the five-minute classroom loop (README, "Classroom"): a model and its control in about a minute each
     'classroom': dict(n_layer=2, n_head=4, n_embd=256, block_size=64, batch_size=8, max_iters=250,
                       eval_interval=125, eval_iters=10, warmup_iters=25),
 }
 
+MODEL_TYPE = 'topolm'  # written into every checkpoint: analyze.py tells the models apart by it
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, no traceback (see command())."""
+
+def read_config_notes(path):
+    """{key: (check, what it does)} from the comments of the config block at the top of the file at path."""
+    with open(path, encoding='utf-8') as f:
+        block = f.read().split('\nDEFAULTS = ')[0]
+    notes = {}
+    for key, comment in re.findall(r"^(\w+) = .*?  # (.*)$", block, re.M):
+        check = re.match(r"(>=? \S+|[\[(]\S+, \S+[\])]|\w*(?:\|\w*)+): ", comment)
+        notes[key] = (check.group(1), comment[check.end():]) if check else (None, comment)
+    return notes
+
+def check_value(key, value, check):
+    """Raise a UsageError unless value passes check: '>= 1', '> 0', an interval '[0, 1)', or 'a|b|c'."""
+    if check is None:
+        return
+    if '|' in check:
+        ok = value in check.split('|')
+    elif check[0] == '>':
+        bound = float(check.split()[1])
+        ok = value >= bound if check.startswith('>=') else value > bound
+    else:
+        lo, hi = (float(v) for v in check[1:-1].split(', '))
+        ok = (lo <= value if check[0] == '[' else lo < value) and (value <= hi if check[-1] == ']' else value < hi)
+    if not ok:  # (a NaN fails every comparison, so it lands here too)
+        raise UsageError(f"--{key}={value}: must be {check.replace('|', ', ') if '|' in check else check}")
+
+def parse_args(argv, defaults, presets, doc, notes):
+    """
+    --key=value for any key of the config block, bare --flag for booleans, --preset=NAME first. Every
+    value is checked against its type and the check in its comment (notes, from read_config_notes).
+    Returns the full config and the keys the user set (the preset's included).
+    """
+    if '-h' in argv or '--help' in argv:
+        print(doc.strip() + '\n\nconfig keys, --key=value (default):')
+        for k, v in defaults.items():
+            check, what = notes.get(k, (None, ''))
+            print(f"  --{k}={v}".ljust(34) + what + (f" [{check}]" if check else ''))
+        for name, p in presets.items():
+            print(f"--preset={name}: " + ', '.join(f'{k}={v}' for k, v in p.items()))
+        sys.exit(0)
+    given = {}
+    for arg in argv:
+        key, eq, val = arg[2:].partition('=')
+        if not arg.startswith('--') or key not in defaults:
+            raise UsageError(f"unknown config key or argument {arg!r} (see --help for the list)")
+        default = defaults[key]
+        if not eq:
+            if not isinstance(default, bool):
+                raise UsageError(f"--{key} needs a value, e.g. --{key}={default}")
+            given[key] = True
+        elif isinstance(default, bool):
+            if val.lower() not in ('true', 'false', '1', '0'):
+                raise UsageError(f"--{key}={val}: expected True or False")
+            given[key] = val.lower() in ('true', '1')
+        else:
+            try:
+                given[key] = type(default)(val) if not isinstance(default, int) else int(float(val))
+                if isinstance(default, int) and float(val) != given[key]:
+                    raise ValueError  # 1e9 is an int, 1.5 is not
+            except (ValueError, OverflowError):
+                raise UsageError(f"--{key}={val}: expected a {type(default).__name__}") from None
+    if given.get('preset'):
+        if given['preset'] not in presets:
+            raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
+        given = {**presets[given['preset']], **given}  # explicit keys win over the preset
+    for key, value in given.items():
+        check_value(key, value, notes.get(key, (None, ''))[0])
+    return {**defaults, **given}, given
+
+DEFAULT_NOTES = read_config_notes(__file__)
+
 # -----------------------------------------------------------------------------
-# The spatial correlation loss (TDANN, as TopoLM uses it)
+# Topography: the spatial correlation loss (TDANN, as TopoLM uses it) and the grid it acts on
 
 def distance_kernel(d):
-    """How alike two units at distance d should respond: TopoLM's inverse distance, 1 / (1 + d)."""
+    """How alike two units at grid distance d should respond: TopoLM's inverse distance, 1 / (1 + d)."""
     return 1 / (1 + d)
+
+class Covariance(torch.autograd.Function):
+    """
+    cov = xc^T xc with xc = x - (mean of x over the samples); x: (K, N, n) -> (K, n, n).
+    What autograd would compute from those two lines, in one matmul less: the gradient is
+    d cov -> xc (G + G^T), and the mean's share of it vanishes because xc sums to zero over the samples.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        xc = x - x.mean(dim=1, keepdim=True)
+        ctx.save_for_backward(xc)
+        return xc.transpose(1, 2) @ xc
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, = ctx.saved_tensors
+        # (G + G^T) xc^T, transposed: laid out like x's own storage when x is a transposed (K, n, N)
+        # tensor, as the model's gather makes it, so the gradient flows back without a copy
+        return ((g + g.transpose(1, 2)) @ xc.transpose(1, 2)).transpose(1, 2)
+
+def correlation(x):
+    """Pearson correlation of every pair of the n units over the N samples: x (K, N, n) -> r (K, n, n).
+    The epsilon gives a silent unit r = 0 with everything, not NaN."""
+    cov = Covariance.apply(x)
+    std = (cov.diagonal(dim1=1, dim2=2) + 1e-8).sqrt()  # (K, n)
+    return cov / (std[:, :, None] * std[:, None, :])
+
+def lowtri(a):
+    """The strict lower triangle of each (n, n) matrix of a (K, n, n): (K, n(n-1)/2), every pair once.
+    (index_select rather than a[:, i, j]: the same values, a much cheaper gradient.)"""
+    n = a.size(-1)
+    i, j = torch.tril_indices(n, n, offset=-1, device=a.device)
+    return a.flatten(1).index_select(1, i * n + j)
 
 def spatial_correlation_loss(x, pos):
     """
@@ -118,21 +238,56 @@ def spatial_correlation_loss(x, pos):
     """
     if x.dim() == 2:
         return spatial_correlation_loss(x[None], pos[None])[0]
-    n = x.size(-1)
-    # r: (K, n, n) Pearson correlation between every pair of units, over the N samples
-    x = x - x.mean(dim=1, keepdim=True)
-    cov = x.transpose(1, 2) @ x
-    std = (cov.diagonal(dim1=1, dim2=2) + 1e-8).sqrt()  # (K, n); eps: a silent unit gives r = 0, not NaN
-    r = cov / (std[:, :, None] * std[:, None, :])
-    # D: (K, n, n) inverse Euclidean distance between the units' grid positions
-    D = distance_kernel((pos[:, :, None, :] - pos[:, None, :, :]).norm(dim=-1))
-    i, j = torch.tril_indices(n, n, offset=-1, device=x.device)
-    r, D = r[:, i, j], D[:, i, j]  # (K, P), P = n(n-1)/2 pairs
+    r = lowtri(correlation(x))  # (K, P), P = n(n-1)/2 pairs
+    D = lowtri(distance_kernel(torch.cdist(pos, pos)))  # (K, P)
     # Pearson correlation between r and D, per neighbourhood
     r = r - r.mean(dim=1, keepdim=True)
     D = D - D.mean(dim=1, keepdim=True)
     corr = (r * D).sum(1) / (r.norm(dim=1) * D.norm(dim=1) + 1e-8)
     return 0.5 * (1 - corr)
+
+def lattice_positions(n_maps, side, seed):
+    """
+    Each map's units get a random permutation of the side x side integer lattice, drawn once from the
+    seed. Random, so that nothing but the spatial loss can make neighbours alike.
+    Returns unit_pos (n_maps, side*side, 2): (row, col) of each unit, and its inverse,
+    grid (n_maps, side, side): the index of the unit at each place.
+    """
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.stack([torch.randperm(side * side, generator=g) for _ in range(n_maps)])
+    unit_pos = torch.stack([perm // side, perm % side], dim=-1)  # unit u sits at place perm[u]
+    return unit_pos, grid_of(unit_pos, side)
+
+def grid_of(unit_pos, side):
+    """The inverse of unit_pos (n_maps, side*side, 2): grid (n_maps, side, side), the unit at each place."""
+    place = unit_pos[..., 0] * side + unit_pos[..., 1]  # (n_maps, side*side)
+    grid = torch.empty_like(place)
+    grid.scatter_(1, place, torch.arange(side * side).expand_as(place))
+    return grid.view(-1, side, side)
+
+def window_places(side, radius):
+    """
+    Every square window of the lattice that lies wholly inside it: all places within Chebyshev distance
+    radius-1 of a centre (radius 5: 9 x 9 = 81 places, TopoLM's neighbourhood). The official code lists
+    the same (side - 2(radius-1))^2 windows. Returns (W, w*w) flat places (row * side + col), row by row.
+    """
+    w = 2 * radius - 1
+    offsets = (torch.arange(w)[:, None] * side + torch.arange(w)[None, :]).flatten()  # (w*w,)
+    corners = torch.arange(side - w + 1)
+    corners = (corners[:, None] * side + corners[None, :]).flatten()  # (W,)
+    return corners[:, None] + offsets[None, :]
+
+def sample_neighborhoods(grid, places, k):
+    """
+    k distinct windows per map, drawn anew every step (without replacement, as the official code draws
+    its 5 of the precomputed windows). grid: (M, side, side) unit at each place; places: (W, n) from
+    window_places. Returns units (M, k, n): unit indices, pos (M, k, n, 2): their (row, col) places.
+    """
+    M, side, _ = grid.shape
+    pick = torch.rand(M, places.size(0)).argsort(dim=1)[:, :k]  # CPU generator: reproducible on any device
+    cells = places[pick.to(places.device)]  # (M, k, n)
+    units = grid.view(M, -1).gather(1, cells.view(M, -1)).view_as(cells)
+    return units, torch.stack([cells // side, cells % side], dim=-1)
 
 # -----------------------------------------------------------------------------
 # The model: nanoGPT's GPT-2, with every block exposing two spatial maps
@@ -146,7 +301,7 @@ class GPTConfig:
     n_embd: int = 784  # side * side units per map
     dropout: float = 0.0
     bias: bool = True
-    alpha: float = 2.5  # 0 = non-topographic control: the spatial loss is not even computed
+    alpha: float = 2.5  # 0 = non-topographic control: the spatial loss is not computed in training
     radius: int = 5
     n_neighborhoods: int = 5
     residual_maps: bool = False
@@ -156,7 +311,6 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -204,7 +358,7 @@ class Block(nn.Module):
         m = self.mlp(self.ln_2(x))  # (B, T, C) spatial map 'mlp'
         x = x + m
         # the paper's maps are the sublayer outputs, before they join the residual stream;
-        # residual_maps takes the stream after each add instead (what the official code does)
+        # residual_maps takes the stream after each add instead (the official code's default)
         return x, ((h, x) if self.residual_maps else (a, m))
 
 class GPT(nn.Module):
@@ -217,9 +371,12 @@ class GPT(nn.Module):
                              f"side x side grid (e.g. 256 = 16 x 16, 784 = 28 x 28)")
         if config.n_embd % config.n_head:
             raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
-        if config.alpha > 0 and not 1 <= 2 * config.radius - 1 <= side:
-            raise ValueError(f"radius={config.radius} gives a {2 * config.radius - 1}-wide window, "
-                             f"which does not fit the {side} x {side} grid")
+        # checked for the control too: its evaluation measures the spatial loss, on the same scale
+        n_windows = (side - 2 * config.radius + 2) ** 2 if 2 * config.radius - 1 <= side else 0
+        if not 1 <= config.n_neighborhoods <= n_windows:
+            raise ValueError(f"radius={config.radius} and n_neighborhoods={config.n_neighborhoods} do not fit the "
+                             f"{side} x {side} grid: it holds {n_windows} windows of {2 * config.radius - 1} x "
+                             f"{2 * config.radius - 1} units")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -235,13 +392,14 @@ class GPT(nn.Module):
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-        # every map gets its own random placement of its units on the grid; buffers,
-        # so they travel in every checkpoint. unit_pos[m, u] = (row, col) of unit u of map m,
-        # grid[m, row, col] = the unit at that place.
+        # every map gets its own random placement of its units on the grid; buffers, so they travel in
+        # every checkpoint. unit_pos[m, u] = (row, col) of unit u of map m, grid[m, row, col] = its unit.
         self.map_names = [f'h.{l}.{s}' for l in range(config.n_layer) for s in ('attn', 'mlp')]
         unit_pos, grid = lattice_positions(len(self.map_names), side, config.seed)
         self.register_buffer('unit_pos', unit_pos)  # (M, C, 2)
         self.register_buffer('grid', grid)  # (M, side, side)
+        # the windows' places depend on the grid's size only: built once
+        self.register_buffer('window_places', window_places(side, config.radius), persistent=False)  # (W, n)
         self.ce_loss = self.spatial_loss = None  # the two parts of the last loss, for logging
 
     def _init_weights(self, module):
@@ -287,17 +445,19 @@ class GPT(nn.Module):
         return logits, loss
 
     def spatial_loss_of(self, maps):
-        """Sum over all maps of the mean spatial loss of n_neighborhoods random windows of each."""
-        M, K = len(maps), self.config.n_neighborhoods
-        units, pos = sample_neighborhoods(self.grid, K, self.config.radius)  # (M, K, n), (M, K, n, 2)
+        """Sum over the maps of the mean spatial loss of n_neighborhoods windows drawn from each."""
+        M, K, C = len(maps), self.config.n_neighborhoods, self.config.n_embd
+        units, pos = sample_neighborhoods(self.grid, self.window_places, K)  # (M, K, n), (M, K, n, 2)
         n = units.size(-1)
-        # gather the sampled units of each map: M small gathers, no loop over neighbourhoods
-        x = torch.cat([m.reshape(-1, m.size(-1)).index_select(1, u.flatten()) for m, u in zip(maps, units)], 1)
-        x = x.view(x.size(0), M * K, n).transpose(0, 1)  # (M*K, N, n), N = B*T token positions
+        # one gather for all maps: the responses unit by unit, (M*C, N) over the N = B*T tokens, of which
+        # the windows' units are rows
+        x = torch.stack(maps).flatten(1, 2).transpose(1, 2).reshape(M * C, -1)
+        rows = (units + C * torch.arange(M, device=units.device)[:, None, None]).view(-1)
+        x = x.index_select(0, rows).view(M * K, n, -1)  # (M*K, n, N)
         # correlations in float32, even under bf16 autocast. (A global name is looked up at call time:
         # topo_gpt.spatial_correlation_loss = my_loss changes what the model trains with.)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            sl = spatial_correlation_loss(x.float(), pos.view(M * K, n, 2).float())  # (M*K,)
+            sl = spatial_correlation_loss(x.float().transpose(1, 2), pos.view(M * K, n, 2).float())  # (M*K,)
         return sl.view(M, K).mean(dim=1).sum()
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -308,69 +468,117 @@ class GPT(nn.Module):
         use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
 
-    def estimate_mfu(self, tokens_per_iter, dt):
-        """Model flops utilization in units of an A100's bf16 peak (PaLM appendix B, as nanoGPT)."""
+    def flops_per_token(self):
+        """Training flops per token (PaLM appendix B, as nanoGPT): 6 per parameter plus attention."""
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
-        return flops_per_token * tokens_per_iter / dt / 312e12
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_second):
+        """Model flops utilization of one process in units of an A100's bf16 peak, as nanoGPT."""
+        return self.flops_per_token() * tokens_per_second / 312e12
 
     @classmethod
     def from_checkpoint(cls, path, device='cpu'):
-        """Rebuild a trained model (grid positions included) from a ckpt.pt written by this script."""
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        if not isinstance(ckpt, dict) or ckpt.get('model_type') != 'topolm':
-            raise ValueError(f"{path} is not a TopoLM checkpoint written by topo_gpt.py")
+        """Rebuild a trained model (grid positions included) from a ckpt.pt written by this script, or from
+        its already loaded dict. Returned in eval mode."""
+        ckpt = load_checkpoint(path) if isinstance(path, str) else path
+        if ckpt.get('model_type') != 'topolm':
+            raise ValueError("not a TopoLM checkpoint written by topo_gpt.py")
         model = cls(GPTConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt['model'])
         return model.to(device).eval()
 
-# -----------------------------------------------------------------------------
-# Spatial geometry: units on a side x side grid, square neighbourhoods
+    @classmethod
+    def from_official(cls, path, positions_dir=None, device='cpu'):
+        """
+        Our GPT from a checkpoint of the official TopoLM code (epflneuroailab/topolm, models/train.py), such
+        as the published models: {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'}.
+        Its model_args spell n_embed; with_resid=True means the maps are the residual stream (our
+        residual_maps=True). Each map's unit places are the `coordinates` of the official position pickles,
+        positions_dir/layer.{i}.{attn,mlp}.pkl (default: model_args['position_dir'] beside the checkpoint),
+        so our maps are the official ones. The optimizer and the run config are not used; reading the file
+        needs neither omegaconf nor the official code. Returned in eval mode.
+        """
+        ckpt = read_pickled(path, torch_file=True) if isinstance(path, str) else path
+        args = ckpt.get('model_args') if isinstance(ckpt, dict) else None
+        if not isinstance(args, dict) or 'n_embed' not in args or 'model' not in ckpt:
+            raise ValueError("not a checkpoint of the official TopoLM code (no model_args with n_embed)")
+        other = {k: args[k] for k in ('head_loss', 'attn_proj', 'finetune') if args.get(k)}
+        if other:
+            raise ValueError(f"an official model variant that this repo does not implement: {other}")
+        if positions_dir is None:
+            if not isinstance(path, str) or 'position_dir' not in args:
+                raise ValueError("positions_dir is needed: where the official position pickles are")
+            positions_dir = os.path.join(os.path.dirname(os.path.abspath(path)), args['position_dir'])
+        coords = []
+        for name in (f'layer.{l}.{s}' for l in range(args['n_layer']) for s in ('attn', 'mlp')):
+            file = os.path.join(positions_dir, f'{name}.pkl')
+            if not os.path.isfile(file):
+                raise ValueError(f"no unit positions {file}: the official model's places are its position "
+                                 f"pickles (models/gpt2-positions/ in the official repository)")
+            layer = read_pickled(file).__dict__
+            coords.append(torch.as_tensor(layer['coordinates']))
+            window = int(torch.as_tensor(layer['neighborhood_indices'])[0].sum())  # (2 radius - 1)^2 units
+            radius, n_neighborhoods = (math.isqrt(window) + 1) // 2, int(layer['neighborhoods_per_batch'])
+        config = GPTConfig(n_layer=args['n_layer'], n_head=args['n_head'], n_embd=args['n_embed'],
+                           block_size=args['block_size'], vocab_size=args['vocab_size'], dropout=args['dropout'],
+                           bias=args['bias'], alpha=args.get('alpha', 0.25), radius=radius,
+                           n_neighborhoods=n_neighborhoods, residual_maps=args.get('with_resid', True))
+        model = cls(config)
+        side = math.isqrt(config.n_embd)
+        unit_pos = torch.stack(coords).round().long()  # (M, C, 2)
+        lattice = sorted((r, c) for r in range(side) for c in range(side))
+        if any(sorted(map(tuple, p.tolist())) != lattice for p in unit_pos):
+            raise ValueError(f"the position pickles in {positions_dir} are not permutations of the "
+                             f"{side} x {side} lattice")
+        state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}  # saved from torch.compile
+        state.update(unit_pos=unit_pos, grid=grid_of(unit_pos, side))
+        model.load_state_dict(state)
+        return model.to(device).eval()
 
-def lattice_positions(n_maps, side, seed):
+def read_pickled(path, torch_file=False):
     """
-    Each map's units get a random permutation of the side x side integer lattice, drawn once from the
-    seed. Random, so that nothing but the spatial loss can make neighbours alike.
-    Returns unit_pos (n_maps, side*side, 2): (row, col) of each unit, and its inverse,
-    grid (n_maps, side, side): the index of the unit at each place.
+    A pickle (torch_file: a torch.save file) that may hold objects of the official TopoLM code: its run
+    config (an OmegaConf DictConfig) and its LayerPositions. Those come back as plain objects with their
+    attributes in __dict__, so that neither omegaconf nor the official code is needed to read the data.
     """
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.stack([torch.randperm(side * side, generator=g) for _ in range(n_maps)])
-    unit_pos = torch.stack([perm // side, perm % side], dim=-1)  # unit u sits at place perm[u]
-    grid = torch.empty_like(perm)
-    grid.scatter_(1, perm, torch.arange(side * side).expand(n_maps, -1))
-    return unit_pos, grid.view(n_maps, side, side)
-
-def sample_neighborhoods(grid, k, radius):
-    """
-    k random square windows per map, all units within Chebyshev distance radius-1 of a centre
-    (radius 5: 9 x 9 = 81 units, TopoLM's neighbourhood). Windows lie wholly inside the grid.
-    grid: (M, side, side). Returns units (M, k, n): unit indices, pos (M, k, n, 2): their places.
-    """
-    M, side, _ = grid.shape
-    w = 2 * radius - 1
-    # the random corners come from the CPU generator, so runs are reproducible on any device
-    corner = torch.randint(0, side - w + 1, (M, k, 2)).to(grid.device)
-    offs = torch.arange(w, device=grid.device)
-    rows = (corner[..., 0, None] + offs)[..., :, None].expand(M, k, w, w)  # (M, k, w, w)
-    cols = (corner[..., 1, None] + offs)[..., None, :].expand(M, k, w, w)
-    units = grid[torch.arange(M, device=grid.device)[:, None, None, None], rows, cols]
-    pos = torch.stack([rows, cols], dim=-1)
-    return units.reshape(M, k, w * w), pos.reshape(M, k, w * w, 2)
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.split('.')[0] in ('omegaconf', 'positions'):
+                return type(name, (), {'__setstate__': lambda self, state: self.__dict__.update(
+                    state if isinstance(state, dict) else {'state': state})})
+            return super().find_class(module, name)
+    if torch_file:  # memory-mapped: the tensors are read when used
+        pickle_module = SimpleNamespace(Unpickler=Unpickler, load=lambda f, **kw: Unpickler(f, **kw).load(),
+                                        __name__='pickle')
+        return torch.load(path, map_location='cpu', weights_only=False, pickle_module=pickle_module, mmap=True)
+    with open(path, 'rb') as f:
+        return Unpickler(f).load()
 
 # -----------------------------------------------------------------------------
 # Data: nanoGPT's loader, random chunks of the uint16 token files that prepare_data.py writes
 
 def open_split(cfg, split):
-    path = os.path.join(cfg['data_dir'], cfg['dataset'], f'{split}.bin')
-    if not os.path.exists(path):
-        raise UsageError(f"no {path}: prepare it with `python prepare_data.py` (Shakespeare), or "
-                         f"`python prepare_data.py --input=YOUR_TEXT --name={cfg['dataset']}`")
-    data = np.memmap(path, dtype=np.uint16, mode='r')
-    if len(data) <= cfg['block_size'] + 1:
-        raise UsageError(f"{path} has {len(data)} tokens, too few for block_size={cfg['block_size']}")
-    return data
+    """data_dir/dataset/split.bin as uint16 tokens, after checking that it is what prepare_data.py wrote:
+    meta.json, which it writes last, names the token count of each file."""
+    folder = os.path.join(cfg['data_dir'], cfg['dataset'])
+    path = os.path.join(folder, f'{split}.bin')
+    rerun = (f"prepare it with `python prepare_data.py` (Shakespeare), or "
+             f"`python prepare_data.py --input=YOUR_TEXT --name={cfg['dataset']}`")
+    if not os.path.isfile(path):
+        raise UsageError(f"no {path}: {rerun}")
+    try:
+        with open(os.path.join(folder, 'meta.json'), encoding='utf-8') as f:
+            expected = json.load(f)[f'{split}_tokens']
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{folder} has no complete meta.json (an interrupted prepare_data.py?): {rerun}") from None
+    size = os.path.getsize(path)
+    if size != 2 * expected:
+        raise UsageError(f"{path} holds {size} bytes, not the {expected} uint16 tokens that meta.json names: "
+                         f"the folder is mixed or damaged; {rerun}")
+    if expected <= cfg['block_size'] + 1:
+        raise UsageError(f"{path} has {expected} tokens, too few for block_size={cfg['block_size']}")
+    return np.memmap(path, dtype=np.uint16, mode='r')
 
 def get_batch(data, batch_size, block_size, device, generator=None):
     # x: (B, T) tokens, y: (B, T) the tokens that follow them
@@ -382,61 +590,80 @@ def get_batch(data, batch_size, block_size, device, generator=None):
     return x.to(device), y.to(device)
 
 # -----------------------------------------------------------------------------
-# Training
+# Training: the run's device and precision, the learning rate, one step
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, no traceback."""
+def pick_device(name, local_rank=0):
+    """The torch device for --device: auto = cuda, then mps, then cpu; a device that is not there is an error."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if name == 'cuda' and torch.cuda.is_available():
+        return f'cuda:{local_rank}'
+    ok = (name == 'cpu' or (name == 'mps' and torch.backends.mps.is_available()) or
+          (re.fullmatch(r'cuda:\d+', name) and int(name[5:]) < torch.cuda.device_count()))
+    if not ok:
+        raise UsageError(f"--device={name}: not a device of this machine (it has cpu"
+                         f"{', cuda' if torch.cuda.is_available() else ''}"
+                         f"{', mps' if torch.backends.mps.is_available() else ''}); or use --device=auto")
+    return name
 
-def parse_args(argv, defaults=DEFAULTS, presets=PRESETS, doc=__doc__):
-    """--key=value for any key of the config block (type checked), bare --flag for booleans,
-    --preset=NAME first. Returns the full config and the keys the user set (preset included).
-    (analyze.py parses its own keys with it too.)"""
-    if '-h' in argv or '--help' in argv:
-        print(doc.strip() + '\n\nconfig keys (--key=value):')
-        for k, v in defaults.items():
-            print(f"  --{k}={v}")
-        if presets:
-            print('presets: ' + ', '.join(f"{name} ({', '.join(f'{k}={v}' for k, v in p.items())})"
-                                          for name, p in presets.items()))
-        sys.exit(0)
-    given = {}
-    for arg in argv:
-        if not arg.startswith('--'):
-            raise UsageError(f"unexpected argument {arg!r}: options look like --key=value (see --help)")
-        key, eq, val = arg[2:].partition('=')
-        if key not in defaults:
-            raise UsageError(f"unknown config key {key!r} (see --help for the list)")
-        default = defaults[key]
-        if not eq:
-            if not isinstance(default, bool):
-                raise UsageError(f"--{key} needs a value, e.g. --{key}={default}")
-            given[key] = True
-        elif isinstance(default, bool):
-            if val.lower() not in ('true', 'false', '1', '0'):
-                raise UsageError(f"--{key}={val}: expected True or False")
-            given[key] = val.lower() in ('true', '1')
-        else:
-            try:
-                given[key] = type(default)(val)
-            except ValueError:
-                raise UsageError(f"--{key}={val}: expected a {type(default).__name__}") from None
-    if given.get('preset'):
-        if given['preset'] not in presets:
-            raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
-        given = {**presets[given['preset']], **given}  # explicit keys win over the preset
-    return {**defaults, **given}, given
+def pick_dtype(name, device_type):
+    """--dtype: auto = bfloat16 autocast on CUDA GPUs that have it (float16 with a gradient scaler on older
+    ones) and on CPUs with native bf16 arithmetic (AVX512-BF16, AMX), float32 elsewhere."""
+    cuda_bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported()
+    if name == 'auto':
+        if device_type == 'cuda':
+            return 'bfloat16' if cuda_bf16 else 'float16'
+        cpu_bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported',
+                                                                        '_is_amx_tile_supported'))
+        return 'bfloat16' if device_type == 'cpu' and cpu_bf16 else 'float32'
+    if name == 'float16' and device_type == 'cpu':
+        raise UsageError("--dtype=float16 needs a GPU (cuda or mps); on a CPU use bfloat16 or float32")
+    if name == 'bfloat16' and device_type == 'cuda' and not cuda_bf16:
+        raise UsageError("--dtype=bfloat16: this GPU has no bf16; use float16 or float32")
+    return name
 
-def pick_device(name):
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    return 'mps' if torch.backends.mps.is_available() else 'cpu'
+def setup(cfg):
+    """
+    Where and how the run computes: one process, or one per device under torchrun (DDP: gloo on CPU, nccl
+    on CUDA); the device; the dtype and its autocast context and gradient scaler; and how the processes
+    share a step of gradient_accumulation_steps x batch_size sequences (each runs `accum` micro-batches of
+    `batch_size`). Returns a namespace of all that.
+    """
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world, local_rank = 0, 1, 0
+    if ddp:
+        rank, world, local_rank = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+    dev = pick_device(cfg['device'], local_rank)
+    device_type = dev.split(':')[0]
+    dtype = pick_dtype(cfg['dtype'], device_type)
+    accum, batch_size = cfg['gradient_accumulation_steps'], cfg['batch_size']
+    if accum % world == 0:  # fewer micro-batches per process
+        accum //= world
+    elif batch_size % world == 0:  # or smaller micro-batches: the same tokens per step either way
+        batch_size //= world
+    else:
+        raise UsageError(f"a step of {accum} x {batch_size} sequences cannot be shared evenly by {world} processes: "
+                         f"make gradient_accumulation_steps or batch_size a multiple of {world}")
+    if ddp:
+        from torch.distributed import init_process_group
+        if device_type == 'cuda':
+            torch.cuda.set_device(dev)
+        init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+    if device_type == 'cpu':
+        keep_freed_memory()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    ptdtype = getattr(torch, dtype)
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, dev=dev, device_type=device_type,
+                           dtype=dtype, ctx=ctx, scaler=scaler, accum=accum, batch_size=batch_size)
 
 def keep_freed_memory():
     """
     glibc hands big freed blocks (the (B*T) x vocab logits and their gradient) back to the OS, and
-    writing into fresh pages is slow: measured 3x slower CPU steps. Ask it to keep them for reuse.
+    writing into fresh pages is slow on some machines: CPU steps were up to 1.5x slower (README, "Speed").
+    Ask it to keep them for reuse.
     """
     try:
         import ctypes
@@ -456,258 +683,160 @@ def get_lr(it, cfg):
     ratio = (it - cfg['warmup_iters']) / max(1, decay_iters - cfg['warmup_iters'])
     return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
 
-def train_step(model, optimizer, scaler, next_batch, cfg, ctx, ddp):
-    """One optimizer step over gradient_accumulation_steps micro-batches. Returns (loss, grad norm)."""
-    steps = cfg['gradient_accumulation_steps']
-    for micro_step in range(steps):
-        if ddp:  # all-reduce the gradients only once, after the last micro-batch
-            model.require_backward_grad_sync = micro_step == steps - 1
+def train_step(model, optimizer, next_batch, run, grad_clip):
+    """One optimizer step over run.accum micro-batches. Returns (loss, grad norm); on a non-finite loss or
+    gradient the weights are left untouched (the caller stops)."""
+    for micro_step in range(run.accum):
+        if run.ddp:  # all-reduce the gradients only once, after the last micro-batch
+            model.require_backward_grad_sync = micro_step == run.accum - 1
         X, Y = next_batch()
-        with ctx:
+        with run.ctx:
             _, loss = model(X, Y)
-        scaler.scale(loss / steps).backward()
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or float('inf'))
-    if not (math.isfinite(loss.item()) and (scaler.is_enabled() or math.isfinite(norm.item()))):
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item(), norm.item()  # the caller stops; the weights were not touched
-    scaler.step(optimizer)
-    scaler.update()
+        run.scaler.scale(loss / run.accum).backward()
+    run.scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+    if math.isfinite(loss.item()) and (run.scaler.is_enabled() or math.isfinite(norm.item())):
+        run.scaler.step(optimizer)  # (with fp16 the scaler itself skips steps with inf gradients)
+        run.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss.item(), norm.item()
 
-def main(argv):
-    cfg, given = parse_args(argv)
-    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    ckpt = None
-    if cfg['resume']:
-        ckpt = load_checkpoint(ckpt_path)
-        cfg = {**ckpt['config'], **given}  # the run's own config, then what was set now
+def diverged(loss, first_loss):
+    """A loss that is not finite, or far above where the run started, is divergence: never saved."""
+    return not math.isfinite(loss) or (first_loss is not None and loss > 2 * first_loss + 1)
 
-    # DDP (torchrun): one process per device; gloo on CPU, nccl on CUDA
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, world = 0, 1
-    if ddp:
-        from torch.distributed import init_process_group
-        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        local_rank = int(os.environ['LOCAL_RANK'])
-        dev = pick_device(cfg['device'])
-        if dev.startswith('cuda'):
-            dev = f'cuda:{local_rank}'
-            torch.cuda.set_device(dev)
-        init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
-        if cfg['gradient_accumulation_steps'] % world:
-            raise UsageError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a "
-                             f"multiple of the {world} processes (it counts micro-batches over all of them)")
-        cfg['gradient_accumulation_steps'] //= world
-    else:
-        dev = pick_device(cfg['device'])
-    master = rank == 0
-    device_type = 'cuda' if dev.startswith('cuda') else dev.split(':')[0]
-    if device_type == 'cpu':
-        keep_freed_memory()
-    torch.manual_seed(cfg['seed'] + rank)  # each rank draws its own batches and neighbourhoods
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast on CUDA (fp16 with a gradient scaler on GPUs without bf16), plain fp32 elsewhere
-    dtype = torch.float32
-    if device_type == 'cuda':
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    ctx = torch.autocast(device_type=device_type, dtype=dtype) if device_type == 'cuda' else nullcontext()
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+@torch.no_grad()
+def estimate_loss(model, batch, cfg, run):
+    """Mean CE and spatial loss over eval_iters batches of each split. The same batches every time (own
+    generator) and the training RNG stream untouched (fork_rng), so that evaluating never changes the
+    course of training: resume stays exact."""
+    out = {}
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        for split in ('train', 'val'):
+            g = torch.Generator().manual_seed(cfg['seed'])
+            ce, sl = torch.zeros(cfg['eval_iters']), torch.zeros(cfg['eval_iters'])
+            for k in range(cfg['eval_iters']):
+                with run.ctx:
+                    model(*batch(split, g))
+                ce[k], sl[k] = model.ce_loss.item(), model.spatial_loss.item()
+            out[split] = (ce.mean().item(), sl.mean().item())
+    model.train()
+    return out
 
-    model_args = dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'],
-                      block_size=cfg['block_size'], vocab_size=50304, dropout=cfg['dropout'], bias=cfg['bias'],
-                      alpha=cfg['alpha'], radius=cfg['radius'], n_neighborhoods=cfg['n_neighborhoods'],
-                      residual_maps=cfg['residual_maps'], seed=cfg['seed'])
-    if ckpt is not None:
-        model_args = ckpt['model_args']  # the model is what was trained, whatever the flags say now
-        ignored = [k for k in given if model_args.get(k, given[k]) != given[k]]
-        if ignored and master:
-            print(f"note: --resume keeps the checkpoint's model; ignoring {', '.join(ignored)}")
-    try:
-        model = GPT(GPTConfig(**model_args))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-    model.to(dev)
-    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                           (cfg['beta1'], cfg['beta2']), device_type)
-    iter_num, best_val_loss = 0, float('inf')
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-        if ddp:  # only rank 0's generator state is saved: give each rank its own stream again
-            torch.manual_seed(cfg['seed'] + rank + 1000 * iter_num)
-        else:
-            set_rng_state(ckpt['rng'])
-        ckpt = None  # free the memory
-    raw_model = model
-    if master:
-        tokens_per_iter = cfg['gradient_accumulation_steps'] * world * cfg['batch_size'] * cfg['block_size']
-        side = math.isqrt(model.config.n_embd)
-        print(f"TopoLM: {model.get_num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-              f"{2 * model.config.n_layer} maps of {side}x{side} units, alpha={model.config.alpha}, "
-              f"radius={model.config.radius}, {model.config.n_neighborhoods} neighbourhoods/map")
-        print(f"device {dev}, {dtype}, {world} process(es), {tokens_per_iter:,} tokens per iteration")
-    if cfg['compile']:
-        if master:
-            print("compiling the model... (a minute or two)")
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # the grid buffers never change: no need to broadcast them every forward
-        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
-
-    if cfg['bench']:
-        benchmark(model, raw_model, optimizer, scaler, cfg, ctx, dev, ddp)
-        return
-
-    train_data, val_data = open_split(cfg, 'train'), open_split(cfg, 'val')
-
-    def next_batch():
-        return get_batch(train_data, cfg['batch_size'], cfg['block_size'], dev)
-
-    @torch.no_grad()
-    def estimate_loss():
-        # the same eval batches every time (own generator), and the training RNG stream untouched
-        # (fork_rng), so that evaluating never changes the course of training: resume stays exact
-        out = {}
-        model.eval()
-        with torch.random.fork_rng(devices=[]):
-            for split, data in (('train', train_data), ('val', val_data)):
-                g = torch.Generator().manual_seed(cfg['seed'])
-                ce, sl = torch.zeros(cfg['eval_iters']), torch.zeros(cfg['eval_iters'])
-                for k in range(cfg['eval_iters']):
-                    X, Y = get_batch(data, cfg['batch_size'], cfg['block_size'], dev, generator=g)
-                    with ctx:
-                        raw_model(X, Y)
-                    ce[k], sl[k] = raw_model.ce_loss.item(), raw_model.spatial_loss.item()
-                out[split] = (ce.mean().item(), sl.mean().item())
-        model.train()
-        return out
-
-    os.makedirs(cfg['out_dir'], exist_ok=True)
-    start_iter = iter_num
-    t0, it0 = time.time(), iter_num  # the log's ms/iter: time since t0 over iterations since it0
-    while True:
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        if master and (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']):
-            losses = estimate_loss()
-            (tce, _), (vce, vsl) = losses['train'], losses['val']
-            print(f"step {iter_num}: train ce {tce:.4f}, val ce {vce:.4f}, val spatial loss {vsl:.4f} "
-                  f"(x alpha {model_args['alpha']} = {model_args['alpha'] * vsl:.4f})")
-            if not all(map(math.isfinite, (tce, vce, vsl))):
-                raise UsageError(f"evaluation loss is not finite at iter {iter_num}: training diverged and "
-                                 f"stopped; {last_checkpoint(ckpt_path)}. Try a lower learning_rate or alpha.")
-            best_val_loss = min(best_val_loss, vce)
-            if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
-                save_checkpoint(ckpt_path, raw_model, optimizer, iter_num, best_val_loss, cfg)
-                print(f"saved {ckpt_path}")
-            t0, it0 = time.time(), iter_num
-        if iter_num >= cfg['max_iters']:
-            break
-        loss, norm = train_step(model, optimizer, scaler, next_batch, cfg, ctx, ddp)
-        if not (math.isfinite(loss) and math.isfinite(norm)) and not scaler.is_enabled():
-            raise UsageError(f"loss is {loss}, grad norm {norm} at iter {iter_num}: training diverged and "
-                             f"stopped; {last_checkpoint(ckpt_path)}. Try a lower learning_rate or alpha.")
-        iter_num += 1
-        if master and iter_num % cfg['log_interval'] == 0:
-            dt = (time.time() - t0) / (iter_num - it0)
-            t0, it0 = time.time(), iter_num
-            parts = f"ce {raw_model.ce_loss.item():.4f}, " + (f"spatial {raw_model.spatial_loss.item():.4f}"
-                                                             if model_args['alpha'] > 0 else "control")
-            msg = (f"iter {iter_num}: loss {loss:.4f} ({parts}), lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-                   f"{tokens_per_iter / dt:,.0f} tok/s")
-            if device_type == 'cuda':
-                msg += f", mfu {raw_model.estimate_mfu(tokens_per_iter, dt) * 100:.1f}%"
-            print(msg, flush=True)
-    if ddp:
-        from torch.distributed import destroy_process_group
-        destroy_process_group()
-
-def benchmark(model, raw_model, optimizer, scaler, cfg, ctx, dev, ddp):
-    """ms/step with the spatial loss on (alpha as configured) and off (alpha=0), interleaved step by
-    step in one process so that drifting machine speed hits both alike. Random tokens, no data."""
+def benchmark(model, raw_model, optimizer, cfg, run):
+    """ms/step with the spatial loss on (alpha as configured, 2.5 for a control) and off (alpha=0),
+    interleaved step by step in one process, the order alternating, so that drifting machine speed hits
+    both alike. Random tokens, no data."""
     import resource
     alpha_on = raw_model.config.alpha or 2.5
-    B, T = cfg['batch_size'], cfg['block_size']
-    X = torch.randint(0, 50257, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+    B, T = run.batch_size, cfg['block_size']
+    X = torch.randint(0, 50257, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(run.dev)
     next_batch = lambda: (X[:, :-1].contiguous(), X[:, 1:].contiguous())
+    modes = {'on': alpha_on, 'off': 0.0}
     times, peak = {'on': [], 'off': []}, {}
-    cuda = dev.startswith('cuda')
-    for mode in ('off', 'on'):  # warm up (and compile) each mode; peak memory in this order
-        raw_model.config.alpha = alpha_on if mode == 'on' else 0.0
+    cuda = run.device_type == 'cuda'
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for mode, alpha in modes.items():  # warm up (and compile) each mode; peak memory in this order
+        raw_model.config.alpha = alpha
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
-            train_step(model, optimizer, scaler, next_batch, cfg, ctx, ddp)
+            train_step(model, optimizer, next_batch, run, cfg['grad_clip'])
         peak[mode] = (torch.cuda.max_memory_allocated() if cuda else
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     n = 10
-    print(f"benchmark: {n} steps each, interleaved, batch {B} x {T} x {cfg['gradient_accumulation_steps']} accum")
+    print(f"benchmark: {n} steps each, interleaved, batch {B} x {T} x {run.accum} accum, {run.dtype}")
     for i in range(n):
-        for mode in ('on', 'off'):
-            raw_model.config.alpha = alpha_on if mode == 'on' else 0.0
-            if cuda:
-                torch.cuda.synchronize()
+        for mode in (('on', 'off') if i % 2 else ('off', 'on')):
+            raw_model.config.alpha = modes[mode]
+            sync()
             t = time.perf_counter()
-            train_step(model, optimizer, scaler, next_batch, cfg, ctx, ddp)
-            if cuda:
-                torch.cuda.synchronize()
+            train_step(model, optimizer, next_batch, run, cfg['grad_clip'])
+            sync()
             times[mode].append(time.perf_counter() - t)
-    tokens = B * T * cfg['gradient_accumulation_steps']
+    tokens = B * T * run.accum
     label = {'on': f'spatial loss on (alpha={alpha_on})', 'off': 'spatial loss off (alpha=0)'}
-    for mode in ('on', 'off'):
-        ms = 1000 * float(np.median(times[mode]))
-        line = f"{label[mode]:32s} {ms:8.1f} ms/step  {tokens / ms * 1000:9,.0f} tok/s  peak {peak[mode]:7,.0f} MiB"
-        if cuda:
-            line += f"  mfu {raw_model.estimate_mfu(tokens, ms / 1000) * 100:.1f}%"
+    for mode in modes:
+        s = float(np.median(times[mode]))
+        line = f"{label[mode]:32s} {s * 1000:8.1f} ms/step  {tokens / s:9,.0f} tok/s  peak {peak[mode]:7,.0f} MiB"
+        flops = raw_model.flops_per_token() * tokens / s
+        line += f"  mfu {flops / 312e12 * 100:.1f}%" if cuda else f"  {flops / 1e9:5.1f} GFLOP/s"
         print(line)
     ratios = [a / b for a, b in zip(times['on'], times['off'])]
     print(f"on/off ratio: {np.median(times['on']) / np.median(times['off']):.3f} (medians), "
           f"{np.median(ratios):.3f} (median of step-by-step pairs)")
-    raw_model.config.alpha = alpha_on if cfg['alpha'] > 0 else 0.0
+    raw_model.config.alpha = modes['on'] if cfg['alpha'] > 0 else 0.0
 
 # -----------------------------------------------------------------------------
 # Checkpointing
 
-def save_checkpoint(path, model, optimizer, iter_num, best_val_loss, cfg):
-    """Everything a bit-exact resume needs. Written to a temporary file and renamed, so that a kill
-    during the save leaves the previous checkpoint intact."""
-    ckpt = {
-        'model_type': 'topolm',
+@contextmanager
+def signals_deferred():
+    """Ctrl-C (SIGINT) or SIGTERM inside this block waits until the block is done, then acts as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    caught = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            os.kill(os.getpid(), s)  # delivered now, to the handler that was there before
+
+def save_checkpoint(path, ckpt):
+    """Write ckpt to path through a temporary file and a rename, with Ctrl-C held off until it is done: a kill,
+    an interrupt or a full disk during a save always leaves the previous checkpoint whole."""
+    tmp = path + '.tmp'
+    with signals_deferred():
+        try:
+            with open(tmp, 'wb') as f:
+                torch.save(ckpt, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"could not write {path} ({reason}; a full disk?): {last_checkpoint(path)}") from None
+
+def checkpoint_of(model, optimizer, iter_num, best_val_loss, first_val_loss, cfg):
+    """Everything a bit-exact resume needs. cfg is the user's config: a resume on another number of
+    processes shares the same step among them (see setup)."""
+    return {
+        'model_type': MODEL_TYPE,
         'model_args': asdict(model.config),
-        'model': model.state_dict(),  # grid positions included (buffers)
+        'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
+        'first_val_loss': first_val_loss,  # the divergence check compares with it (see diverged)
         'config': cfg,
         'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
                 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 def last_checkpoint(path):
-    return f"the last good checkpoint is {path}" if os.path.exists(path) else "no checkpoint was saved yet"
+    return f"the last good checkpoint, {path}, is intact" if os.path.exists(path) else "no checkpoint was saved"
 
 def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise UsageError(f"--resume: no checkpoint at {path} (set --out_dir to the run's folder)")
+    """A checkpoint of this script, checked for everything a resume or from_checkpoint reads."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path} (for --resume, set --out_dir to the run's folder)")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise UsageError(f"{path} could not be read as a checkpoint: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get('model_type') != 'topolm':
-        raise UsageError(f"{path} is not a TopoLM checkpoint written by topo_gpt.py")
+        raise UsageError(f"{path} could not be read as a checkpoint ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get('model_type') != MODEL_TYPE:
+        raise UsageError(f"{path} is not a {MODEL_TYPE} checkpoint written by {os.path.basename(__file__)}")
+    missing = [k for k in ('model_args', 'model', 'optimizer', 'iter_num', 'best_val_loss', 'config', 'rng')
+               if k not in ckpt]
+    if missing:
+        raise UsageError(f"{path} is incomplete: it has no {', '.join(missing)}")
     return ckpt
 
 def set_rng_state(rng):
@@ -717,12 +846,141 @@ def set_rng_state(rng):
     if rng['cuda'] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng['cuda'])
 
-if __name__ == '__main__':
+def resume_config(ckpt, given):
+    """A resumed run's config: the run's own, then what was set now, except the model's shape, which is
+    the checkpoint's whatever the flags say (a note names what is ignored)."""
+    cfg = {**DEFAULTS, **ckpt['config'], **given}
+    ignored = [k for k, v in ckpt['model_args'].items() if k in given and given[k] != v]
+    cfg.update({k: v for k, v in ckpt['model_args'].items() if k in cfg})
+    if ignored and int(os.environ.get('RANK', 0)) == 0:
+        print(f"note: --resume keeps the checkpoint's model; ignoring {', '.join(f'--{k}' for k in ignored)}")
+    return cfg
+
+def writable_dir(path):
+    """Make sure out_dir is a folder this run can write into, before any work is done."""
     try:
-        main(sys.argv[1:])
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write-test-{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out_dir={path} is not a folder this run can write ({e.strerror})") from None
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+def main(argv):
+    cfg, given = parse_args(argv, DEFAULTS, PRESETS, __doc__, DEFAULT_NOTES)
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    ckpt = load_checkpoint(ckpt_path) if cfg['resume'] else None
+    if ckpt is not None:
+        cfg = resume_config(ckpt, given)
+    run = setup(cfg)
+    torch.manual_seed(cfg['seed'] + run.rank)  # each process draws its own batches and windows
+    model_args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}
+    try:
+        model = GPT(GPTConfig(**model_args))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    iter_num, best_val_loss, first_val_loss = 0, float('inf'), None
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        iter_num, best_val_loss, first_val_loss = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('first_val_loss')
+    model.to(run.dev)
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                           (cfg['beta1'], cfg['beta2']), run.device_type)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if run.ddp:  # only rank 0's generator state is saved: give each rank its own stream again
+            torch.manual_seed(cfg['seed'] + run.rank + 1000 * iter_num)
+        else:
+            set_rng_state(ckpt['rng'])
+        ckpt = None  # free the memory
+    raw_model = model
+    tokens_per_iter = run.accum * run.world * run.batch_size * cfg['block_size']
+    if run.master:
+        side = math.isqrt(cfg['n_embd'])
+        print(f"TopoLM: {model.get_num_params() / 1e6:.2f}M parameters, {cfg['n_layer']} layers, "
+              f"{2 * cfg['n_layer']} maps of {side}x{side} units, alpha={cfg['alpha']}, radius={cfg['radius']}, "
+              f"{cfg['n_neighborhoods']} neighbourhoods/map")
+        print(f"device {run.dev}, {run.dtype}, {run.world} process(es) of {run.accum} x {run.batch_size} "
+              f"sequences, {tokens_per_iter:,} tokens per iteration")
+    if cfg['compile']:
+        if run.master:
+            print("compiling the model... (about a minute on a CPU, at the first steps)")
+        model = torch.compile(model)
+    if run.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # the grid buffers never change: no need to broadcast them every forward
+        model = DDP(model, device_ids=[run.dev] if run.device_type == 'cuda' else None, broadcast_buffers=False)
+    if cfg['bench']:
+        return benchmark(model, raw_model, optimizer, cfg, run)
+
+    data = {split: open_split(cfg, split) for split in ('train', 'val')}
+    batch = lambda split, g=None: get_batch(data[split], run.batch_size, cfg['block_size'], run.dev, g)
+    if run.master:
+        writable_dir(cfg['out_dir'])
+    start_iter = iter_num
+    t0, it0 = time.time(), iter_num  # the log's ms/iter: time since t0 over iterations since it0
+    while True:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        if run.master and (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']):
+            losses = estimate_loss(raw_model, batch, cfg, run)
+            (tce, _), (vce, vsl) = losses['train'], losses['val']
+            print(f"step {iter_num}: train ce {tce:.4f}, val ce {vce:.4f}, val spatial loss {vsl:.4f} "
+                  f"(x alpha {cfg['alpha']} = {cfg['alpha'] * vsl:.4f})")
+            first_val_loss = vce if first_val_loss is None else first_val_loss
+            if diverged(vce, first_val_loss) or not math.isfinite(tce + vsl):
+                raise UsageError(f"training diverged at iter {iter_num} (val ce {vce:.4g}, it started at "
+                                 f"{first_val_loss:.4g}) and stopped; {last_checkpoint(ckpt_path)}. "
+                                 f"Try a lower learning_rate or alpha.")
+            best_val_loss = min(best_val_loss, vce)
+            if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
+                save_checkpoint(ckpt_path, checkpoint_of(raw_model, optimizer, iter_num, best_val_loss,
+                                                         first_val_loss, cfg))
+                print(f"saved {ckpt_path}")
+            t0, it0 = time.time(), iter_num
+        if iter_num >= cfg['max_iters']:
+            break
+        loss, norm = train_step(model, optimizer, lambda: batch('train'), run, cfg['grad_clip'])
+        if not run.scaler.is_enabled() and not (math.isfinite(loss) and math.isfinite(norm)):
+            raise UsageError(f"loss {loss}, gradient norm {norm} at iter {iter_num}: training diverged and "
+                             f"stopped; {last_checkpoint(ckpt_path)}. Try a lower learning_rate or alpha.")
+        iter_num += 1
+        if run.master and iter_num % cfg['log_interval'] == 0:
+            dt = (time.time() - t0) / (iter_num - it0)
+            t0, it0 = time.time(), iter_num
+            parts = f"ce {raw_model.ce_loss.item():.4f}, " + (f"spatial {raw_model.spatial_loss.item():.4f}"
+                                                             if cfg['alpha'] > 0 else "control")
+            msg = (f"iter {iter_num}: loss {loss:.4f} ({parts}), lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                   f"{tokens_per_iter / dt:,.0f} tok/s")
+            if run.device_type == 'cuda':
+                msg += f", mfu {raw_model.estimate_mfu(tokens_per_iter / run.world / dt) * 100:.1f}%"
+            print(msg, flush=True)
+    if start_iter >= cfg['max_iters'] and run.master:
+        print(f"nothing to train: the run is at iter {start_iter} and max_iters={cfg['max_iters']}")
+    if run.ddp:
+        from torch.distributed import destroy_process_group
+        destroy_process_group()
+
+def command(main, argv):
+    """Run main as a command: a UsageError is one line on stderr and exit 2, Ctrl-C exit 130; under
+    torchrun only the first process speaks."""
+    speak = int(os.environ.get('RANK', 0)) == 0
+    try:
+        main(argv)
+        return 0
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if speak:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint (if any) is intact", file=sys.stderr)
-        sys.exit(130)
+        if speak:
+            print("\ninterrupted; a checkpoint is only ever replaced whole: the last one saved is intact",
+                  file=sys.stderr)
+        return 130
+
+if __name__ == '__main__':
+    sys.exit(command(main, sys.argv[1:]))

@@ -2,7 +2,8 @@
 Topoformer: a BERT whose attention units sit on a 2-D grid.
 
 Binhuraib, Tuckute, Blauch. "Topoformer: brain-like topographic organization in Transformer language
-models through spatial querying and reweighting". arXiv 2510.18745 (2025).
+models through spatial querying and reweighting". arXiv 2510.18745 (2025). Official code:
+TahaBinhuraib/topoformer, and its BERT in TahaBinhuraib/cramming_local.
 
 A BERT-style encoder (pre-LayerNorm, bidirectional attention, GELU-GLU feed-forward, tied embeddings)
 trained with masked language modelling. The D = side*side units of the queries, keys, values and
@@ -13,18 +14,20 @@ connectivity patterns make neighbouring units respond alike:
       M[i, j] = 1 when unit j is within radius r of unit i, r = sqrt(sq / pi) (a disc covering a
       fraction sq of the grid), normalised. Each key unit is matched against the pooled queries of
       its neighbourhood.
-  spatial reweighting (SR): out = y (W_o * M_sr)^T
+  spatial reweighting (SR): out = y |W_o * M_sr|^T + b_sr
       the output projection is locally connected: unit i of the output reads only the units of the
-      attention output within the disc of area sr around it.
+      attention output within the disc of area sr around it. As in the official BERT, a dense
+      projection follows: the block adds dense(out) to the residual stream.
 
 sq = sr = 1 is the non-topographic control: plain queries and a dense output projection.
 
-Read it top to bottom: config, model, spatial geometry, data loader, training loop, checkpointing.
+Read it top to bottom: config, model, spatial geometry, data loader, training, checkpointing, and the
+training loop itself, main().
 
     python topoformer.py                          # laptop-size masked LM on data/shakespeare (see README)
     python topoformer.py --sq=1 --sr=1            # the non-topographic control
     python topoformer.py --preset=paper           # the paper's 16-layer BERT and optimisation
-    python topoformer.py --preset=classroom       # a ~2 minute run, for the classroom loop
+    python topoformer.py --preset=classroom       # a run of about a minute, for the classroom loop
     python topoformer.py --task=sentiment         # the paper's 1-layer IMDB classifier (data/imdb)
     python topoformer.py --compile --out_dir=out-big --batch_size=64
     torchrun --standalone --nproc_per_node=4 topoformer.py --preset=paper
@@ -32,14 +35,22 @@ Read it top to bottom: config, model, spatial geometry, data loader, training lo
 """
 
 import os
+# Before torch loads OpenMP: its threads sleep while they wait instead of spinning. On a machine whose
+# cores are shared (a laptop, a CI box), spinning threads starve the one they wait for (README, "Speed").
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+import re
 import sys
 import math
 import time
+import json
 import random
+import signal
 import inspect
+import threading
 from collections import OrderedDict
-from contextlib import nullcontext
-from dataclasses import dataclass, asdict
+from contextlib import nullcontext, contextmanager
+from dataclasses import dataclass, asdict, fields
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -47,51 +58,53 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
-# config: plain defaults, each overridable on the command line as --key=value
-# (the defaults are a laptop run: about 10 minutes on a 2-core CPU, see README)
+# config: plain defaults, each overridable on the command line as --key=value. The comment says what a
+# key does; a check before its colon (>= 1, (0, 1], a|b) says which values the command line accepts.
 # I/O
-out_dir = 'out-topoformer'
-eval_interval = 100
-log_interval = 10
-eval_iters = 20
+out_dir = 'out-topoformer'  # where ckpt.pt is written
+eval_interval = 100  # >= 1: evaluate, and save a checkpoint, every this many steps
+log_interval = 10  # >= 1: print a training line every this many steps
+eval_iters = 20  # >= 1: batches per split in an evaluation
 resume = False  # continue the run in out_dir from its ckpt.pt
 # task
-task = 'mlm'  # mlm: masked language modelling on data_dir/dataset; sentiment: IMDB reviews (see TASK_DEFAULTS)
+task = 'mlm'  # mlm|sentiment: masked language modelling on data_dir/dataset, or IMDB reviews (TASK_DEFAULTS)
 # data
-data_dir = 'data'
+data_dir = 'data'  # where prepare_data.py writes its folders
 dataset = 'shakespeare'  # reads data_dir/dataset/{train,val}.bin, written by prepare_data.py
-imdb_dir = 'data/imdb/aclImdb'  # --task=sentiment: aclImdb/{train,test}/{pos,neg}/*.txt
-gradient_accumulation_steps = 1
-batch_size = 16
-block_size = 128
+imdb_dir = 'data/imdb/aclImdb'  # --task=sentiment: the reviews, as aclImdb/{train,test}/{pos,neg}/*.txt
+gradient_accumulation_steps = 1  # >= 1: micro-batches per optimizer step, over all processes
+batch_size = 16  # >= 1: sequences per micro-batch
+block_size = 128  # >= 1: tokens per sequence
 # model
-n_layer = 4
-n_head = 1  # the paper's single head of size D
-n_embd = 256  # D, must be a perfect square: 256 units = a 16 x 16 grid
-ffn_size = 1024  # width of the GELU-GLU layer, halved by the gate
-dropout = 0.0
+n_layer = 4  # >= 1: transformer blocks; each has 4 maps (q, k, v, out)
+n_head = 1  # >= 1: attention heads; the paper's is one head of size D
+n_embd = 256  # >= 1: D, a perfect square: 256 units = a 16 x 16 grid
+ffn_size = 1024  # >= 2: width of the GELU-GLU layer, halved by the gate
+dropout = 0.0  # [0, 1): dropout of the embeddings and of each sublayer's output (none on attention weights)
+dense_proj = True  # a dense Linear(D, D) after spatial reweighting, as the official BERT has
 # topography (Binhuraib et al. 2025)
-sq = 0.3  # spatial querying: fraction of the grid pooled into each query; 1 = no pooling (control)
-sr = 0.3  # spatial reweighting: fraction of the grid each output unit reads; 1 = dense (control)
+sq = 0.3  # (0, 1]: spatial querying, the fraction of the grid pooled into each query; 1 = none (control)
+sr = 0.3  # (0, 1]: spatial reweighting, the fraction of the grid each output unit reads; 1 = dense (control)
 wrap = True  # distances on a torus (the paper's default); False: a flat square with edges
 sr_nonneg = True  # SR weights act as |W| >= 0, as in the official code (see SpatialSelfAttention)
 # AdamW
-learning_rate = 1e-3
-max_iters = 1000
-weight_decay = 0.01
-beta1 = 0.9
-beta2 = 0.98
-grad_clip = 0.5
+learning_rate = 1e-3  # > 0: peak learning rate
+max_iters = 1000  # >= 1: optimizer steps of the whole run
+weight_decay = 0.01  # >= 0: on 2-D weights (matmuls, embeddings)
+beta1 = 0.9  # [0, 1): AdamW's decay of the gradient's mean
+beta2 = 0.98  # [0, 1): AdamW's decay of the gradient's square
+grad_clip = 0.5  # >= 0: clip the gradient norm at this value; 0 = no clipping
 # learning rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
-warmup_iters = 50
-lr_decay_iters = 0  # 0 = max_iters
-min_lr = 1e-4
+warmup_iters = 50  # >= 0: steps of linear warmup
+lr_decay_iters = 0  # >= 0: the step at which the cosine decay reaches min_lr; 0 = max_iters
+min_lr = 1e-4  # >= 0: the learning rate after the decay
 # system
-device = 'auto'  # auto = cuda, then mps, then cpu
-compile = False
-seed = 1337
+device = 'auto'  # auto = cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps
+dtype = 'auto'  # auto|float32|bfloat16|float16: auto = bf16 on CUDA (else fp16) and on CPUs with native bf16
+compile = False  # compile the model with torch.compile
+seed = 1337  # >= 0: seeds the batches and the masks
 bench = False  # time training steps of the Topoformer and of its control, then exit
-preset = ''  # paper | classroom: a named set of overrides, applied before the other keys
+preset = ''  # a named set of overrides, applied before the other keys (see PRESETS)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str))}
@@ -99,35 +112,116 @@ DEFAULTS = {k: v for k, v in globals().items()
 # --task=sentiment brings its own defaults, under any preset and explicit key: the paper's first
 # experiment, a 1-layer Topoformer on a 20 x 20 grid classifying IMDB reviews (the official
 # config_text.yaml and train_imdb.py: D=400, sq=0.1, sr=0.3, 256 tokens, dropout 0.1, AdamW lr 1e-3
-# with PyTorch's betas, gradient clip 0.1; its FFN is a ReLU MLP 400-1600-400, ours the GELU-GLU
+# with PyTorch's betas, no dense layer after SR; its FFN is a ReLU MLP 400-1600-400, ours the GELU-GLU
 # 400-1600(gated to 800)-400 of the BERT). A shorter run than the paper's 20 epochs of batch 256, so
-# that it finishes on a laptop: 700 steps of 32 = one epoch of the 22.5k training reviews (~10 min on
-# a 2-core CPU, then ~3 min to classify the 25k test reviews).
+# that it finishes on a laptop: 700 steps of 32 = one epoch of the 22.5k training reviews.
 TASK_DEFAULTS = {
     'mlm': {},
     'sentiment': dict(out_dir='out-sentiment', n_layer=1, n_head=1, n_embd=400, ffn_size=1600,
-                      block_size=256, sq=0.1, sr=0.3, dropout=0.1, batch_size=32, max_iters=700,
-                      eval_interval=100, eval_iters=10, warmup_iters=50, learning_rate=1e-3,
+                      block_size=256, sq=0.1, sr=0.3, dropout=0.1, dense_proj=False, batch_size=32,
+                      max_iters=700, eval_interval=100, eval_iters=10, warmup_iters=50, learning_rate=1e-3,
                       weight_decay=0.01, beta1=0.9, beta2=0.999, grad_clip=0.1),
 }
 
 PRESETS = {
-    # the paper's BERT (its cramming config bert-c5_topo + train bert-o3): 16 layers, 28 x 28 grid,
-    # one head, GELU-GLU 3072, sequence 128, sq = sr = 0.3, AdamW 1e-3 (0.9, 0.98) wd 0.01, clip 0.5,
-    # 4096 sequences per step. The step count and the cosine schedule are ours (cramming: a 12-hour
-    # budget), and so is the corpus: FineWeb-Edu, which prepare_data.py fetches (as for topo_gpt.py).
+    # the paper's BERT (cramming_local's arch/bert-c5_topo + train/bert-o3): 16 layers, 28 x 28 grid, one
+    # head, GELU-GLU 3072, a dense layer after SR, sequence 128, sq = sr = 0.3, AdamW 1e-3 (0.9, 0.98) wd
+    # 0.01, clip 0.5, 4096 sequences per step, and no dropout at all: the official pretraining runs the
+    # model in eval mode (pretrain_in_train_mode: False). The step count and the cosine schedule are ours
+    # (cramming: a 12-hour budget), and so is the corpus: FineWeb-Edu, as for topo_gpt.py.
     'paper': dict(dataset='fineweb-edu', n_layer=16, n_head=1, n_embd=784, ffn_size=3072, block_size=128,
-                  dropout=0.1, sq=0.3, sr=0.3, batch_size=128, gradient_accumulation_steps=32,
+                  dropout=0.0, dense_proj=True, sq=0.3, sr=0.3, batch_size=128, gradient_accumulation_steps=32,
                   learning_rate=1e-3, weight_decay=0.01, beta1=0.9, beta2=0.98, grad_clip=0.5,
                   warmup_iters=1000, max_iters=20000, min_lr=1e-5, eval_interval=1000, eval_iters=100),
-    # the five-minute classroom loop (README, "Classroom"): a model and its control in ~1.5 min each
+    # the five-minute classroom loop (README, "Classroom"): a model and its control in about a minute each
     'classroom': dict(n_layer=2, n_head=1, n_embd=256, ffn_size=1024, block_size=64, batch_size=16,
                       max_iters=400, eval_interval=100, eval_iters=10, warmup_iters=20),
 }
 
+MODEL_TYPE = 'topoformer'  # written into every checkpoint: analyze.py tells the models apart by it
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, no traceback (see command())."""
+
+def read_config_notes(path):
+    """{key: (check, what it does)} from the comments of the config block at the top of the file at path."""
+    with open(path, encoding='utf-8') as f:
+        block = f.read().split('\nDEFAULTS = ')[0]
+    notes = {}
+    for key, comment in re.findall(r"^(\w+) = .*?  # (.*)$", block, re.M):
+        check = re.match(r"(>=? \S+|[\[(]\S+, \S+[\])]|\w*(?:\|\w*)+): ", comment)
+        notes[key] = (check.group(1), comment[check.end():]) if check else (None, comment)
+    return notes
+
+def check_value(key, value, check):
+    """Raise a UsageError unless value passes check: '>= 1', '> 0', an interval '[0, 1)', or 'a|b|c'."""
+    if check is None:
+        return
+    if '|' in check:
+        ok = value in check.split('|')
+    elif check[0] == '>':
+        bound = float(check.split()[1])
+        ok = value >= bound if check.startswith('>=') else value > bound
+    else:
+        lo, hi = (float(v) for v in check[1:-1].split(', '))
+        ok = (lo <= value if check[0] == '[' else lo < value) and (value <= hi if check[-1] == ']' else value < hi)
+    if not ok:  # (a NaN fails every comparison, so it lands here too)
+        raise UsageError(f"--{key}={value}: must be {check.replace('|', ', ') if '|' in check else check}")
+
+def parse_args(argv, defaults, presets, doc, notes):
+    """
+    --key=value for any key of the config block, bare --flag for booleans, --preset=NAME first. Every
+    value is checked against its type and the check in its comment (notes, from read_config_notes).
+    Returns the full config and the keys the user set (the preset's included).
+    """
+    if '-h' in argv or '--help' in argv:
+        print(doc.strip() + '\n\nconfig keys, --key=value (default):')
+        for k, v in defaults.items():
+            check, what = notes.get(k, (None, ''))
+            print(f"  --{k}={v}".ljust(34) + what + (f" [{check}]" if check else ''))
+        for name, p in presets.items():
+            print(f"--preset={name}: " + ', '.join(f'{k}={v}' for k, v in p.items()))
+        sys.exit(0)
+    given = {}
+    for arg in argv:
+        key, eq, val = arg[2:].partition('=')
+        if not arg.startswith('--') or key not in defaults:
+            raise UsageError(f"unknown config key or argument {arg!r} (see --help for the list)")
+        default = defaults[key]
+        if not eq:
+            if not isinstance(default, bool):
+                raise UsageError(f"--{key} needs a value, e.g. --{key}={default}")
+            given[key] = True
+        elif isinstance(default, bool):
+            if val.lower() not in ('true', 'false', '1', '0'):
+                raise UsageError(f"--{key}={val}: expected True or False")
+            given[key] = val.lower() in ('true', '1')
+        else:
+            try:
+                given[key] = type(default)(val) if not isinstance(default, int) else int(float(val))
+                if isinstance(default, int) and float(val) != given[key]:
+                    raise ValueError  # 1e9 is an int, 1.5 is not
+            except (ValueError, OverflowError):
+                raise UsageError(f"--{key}={val}: expected a {type(default).__name__}") from None
+    if given.get('preset'):
+        if given['preset'] not in presets:
+            raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
+        given = {**presets[given['preset']], **given}  # explicit keys win over the preset
+    for key, value in given.items():
+        check_value(key, value, notes.get(key, (None, ''))[0])
+    return {**defaults, **given}, given
+
+DEFAULT_NOTES = read_config_notes(__file__)
+HELP = __doc__ + '\n' + '\n'.join(f"--task={name} sets: " + ', '.join(f'{k}={v}' for k, v in d.items())
+                                  for name, d in TASK_DEFAULTS.items() if d)
+
+def config_of(argv):
+    """parse_args, then the task's defaults under the preset and the explicit keys."""
+    cfg, given = parse_args(argv, DEFAULTS, PRESETS, HELP, DEFAULT_NOTES)
+    return {**cfg, **TASK_DEFAULTS[cfg['task']], **given}, given
+
 # Token ids. GPT-2's tokenizer uses 0..50256; the vocabulary is padded to 50304 (a multiple of 64, for
 # speed), and the tokens masked language modelling needs live in the padding.
-N_TOKENS = 50257  # GPT-2's real tokens: MLM's random replacements are drawn from these
 EOT_ID = 50256  # <|endoftext|>, between documents in the .bin files
 MASK_ID = 50257  # [MASK]
 PAD_ID = 50258  # [PAD]: fills IMDB reviews up to the longest of the batch; never attended to
@@ -145,7 +239,8 @@ class TopoformerConfig:
     n_head: int = 1
     n_embd: int = 784  # D = side * side units on the grid
     ffn_size: int = 3072
-    dropout: float = 0.1
+    dropout: float = 0.0
+    dense_proj: bool = True  # the official BERT's dense layer after SR
     sq: float = 0.3  # 1 = no spatial querying
     sr: float = 0.3  # 1 = dense output projection
     wrap: bool = True
@@ -159,7 +254,8 @@ class SpatialSelfAttention(nn.Module):
         q = x W_q^T,  k = x W_k^T,  v = x W_v^T        (B, T, D) each
         q' = q M                                        SQ: pool the queries over each unit's disc
         y = softmax(q' k^T / sqrt(D)) v                 one head of size D, as in the paper
-        out = y (W_o * M_sr)^T                          SR: a locally connected output projection
+        out = y |W_o * M_sr|^T + b_sr                   SR: a locally connected output projection
+        dense(out)                                      what the block adds to the residual stream
 
     M is fixed, so it folds into the query weight: q' = x W_q^T M = x (M^T W_q)^T. Pooling the D x D
     weight once per forward replaces pooling every one of the B*T queries (the official code multiplies
@@ -173,14 +269,14 @@ class SpatialSelfAttention(nn.Module):
         side = math.isqrt(D)
         self.c_q = nn.Linear(D, D, bias=False)  # W_q
         self.c_kv = nn.Linear(D, 2 * D, bias=False)  # W_k and W_v
-        self.c_proj = nn.Linear(D, D, bias=False)  # W_o
+        self.c_proj = nn.Linear(D, D, bias=True)  # W_o and b_sr: SR, a Linear with a bias as the official one
+        self.c_dense = nn.Linear(D, D, bias=False) if config.dense_proj else None  # the official BERT's dense
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
-        self.dropout = config.dropout
         self.sr_nonneg = config.sr_nonneg
         # SQ: the disc matrix, normalised to unit Frobenius norm as in the official code. sq=1 means no
-        # pooling at all: the official control normalises an all-ones M, which makes every query the
-        # same (the mean), so the scores no longer depend on the query token; that is not a control.
+        # pooling at all. (The official control instead normalises an all-ones M: every query becomes the
+        # mean query, so all queries rank the keys alike, through one scalar; README, "Deviations".)
         M = kernel = None
         if config.sq < 1:
             M = disc_mask(side, config.sq, config.wrap)
@@ -188,9 +284,7 @@ class SpatialSelfAttention(nn.Module):
             if config.wrap:
                 # on the torus M is circulant: M[i, j] depends only on the offset from unit i to unit j,
                 # so multiplying by M is a circular convolution of the side x side grid image with the
-                # disc around unit 0, M[0]. By FFT that costs D log D per vector instead of D^2: measured
-                # on a 2-core CPU at D = 784, batch 8 x 128, a block (forward + backward) costs 2.8% more
-                # than the control's with the FFT fold, 4.5% with the matmul fold.
+                # disc around unit 0, M[0]. By FFT that costs D log D per vector instead of D^2.
                 kernel = torch.fft.rfft2(M[0].view(side, side)).real  # the disc is symmetric: real spectrum
         self.register_buffer('sq_matrix', M, persistent=False)  # (D, D), symmetric; None: no SQ
         self.register_buffer('sq_kernel', kernel, persistent=False)  # (side, side // 2 + 1); None: flat grid
@@ -218,23 +312,23 @@ class SpatialSelfAttention(nn.Module):
         hs = D // self.n_head
         qh, kh, vh = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         # scores / sqrt(hs) (= sqrt(D) with the one head); key_mask hides [PAD] keys; flash attention
-        # where the device has it
-        y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=key_mask,
-                                           dropout_p=self.dropout if self.training else 0)
+        # where the device has it. No dropout on the attention weights: the official BERT's is 0.
+        y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=key_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, D)
         w_o = self.c_proj.weight  # (D, D): w_o[i, j] connects unit j of y to unit i of the output
         if self.sr_mask is not None:
             # SR: masked in the forward pass, so the weights outside the disc get zero gradient (they
             # are zero from the init on, and stay so). sr_nonneg (the default) uses |W_o|, as the official
             # code does by rewriting the weights in place every forward: each output unit is then a
-            # positive sum over its disc, neighbours share most of it, and the out maps (the value maps
-            # weakly) turn topographic, as the paper reports. Signed local weights do not: with the
-            # classroom preset, neighbouring out units correlate 0.55-0.60 with |W_o|, 0.00 without.
+            # positive sum over its disc, neighbours share most of it, and the out maps turn topographic,
+            # as the paper reports. Signed local weights do not (README, "Deviations").
             w_o = (w_o.abs() if self.sr_nonneg else w_o) * self.sr_mask
-        out = F.linear(y, w_o)  # (B, T, D)
+        out = F.linear(y, w_o, self.c_proj.bias)  # (B, T, D): the 'out' map, where the official code looks
         maps = None
         if return_maps:  # the queries before pooling: the paper's query maps (an extra matmul, here only)
             maps = (F.linear(x, self.c_q.weight), k, v, out)
+        if self.c_dense is not None:
+            out = self.c_dense(out)
         return self.resid_dropout(out), maps
 
 class MLP(nn.Module):
@@ -296,7 +390,7 @@ class Topoformer(nn.Module):
             self.classifier = nn.Linear(config.n_embd, config.n_class)
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if pn.endswith('c_proj.weight'):
+            if pn.endswith('c_proj.weight') or pn.endswith('c_dense.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         with torch.no_grad():  # SR: the weights outside the disc start (and stay) at zero
             for block in self.transformer.h:
@@ -372,22 +466,25 @@ class Topoformer(nn.Module):
         use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
 
-    def estimate_mfu(self, tokens_per_iter, dt):
-        """Model flops utilization in units of an A100's bf16 peak (PaLM appendix B, as nanoGPT); the
-        vocab projection counts only for the 15% masked tokens, the SQ fold not at all."""
+    def flops_per_token(self):
+        """Training flops per token (PaLM appendix B, as nanoGPT); the vocab projection counts only for
+        the 15% masked tokens, the SQ fold not at all."""
         cfg = self.config
-        L, D, T = cfg.n_layer, cfg.n_embd, cfg.block_size
-        emb = cfg.vocab_size * D  # a lookup on the way in; a matmul on the way out, for MLM only
-        flops_per_token = 6 * (self.get_num_params() - emb) + (0 if cfg.n_class else 6 * MASK_PROB * emb)
-        flops_per_token += 12 * L * D * T
-        return flops_per_token * tokens_per_iter / dt / 312e12
+        emb = cfg.vocab_size * cfg.n_embd  # a lookup on the way in; a matmul on the way out, for MLM only
+        flops = 6 * (self.get_num_params() - emb) + (0 if cfg.n_class else 6 * MASK_PROB * emb)
+        return flops + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_second):
+        """Model flops utilization of one process in units of an A100's bf16 peak, as nanoGPT."""
+        return self.flops_per_token() * tokens_per_second / 312e12
 
     @classmethod
     def from_checkpoint(cls, path, device='cpu'):
-        """Rebuild a trained model from a ckpt.pt written by this script; returned in eval mode."""
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-        if not isinstance(ckpt, dict) or ckpt.get('model_type') != 'topoformer':
-            raise ValueError(f"{path} is not a Topoformer checkpoint written by topoformer.py")
+        """Rebuild a trained model from a ckpt.pt written by this script, or from its already loaded dict.
+        Returned in eval mode."""
+        ckpt = load_checkpoint(path) if isinstance(path, str) else path
+        if ckpt.get('model_type') != 'topoformer':
+            raise ValueError("not a Topoformer checkpoint written by topoformer.py")
         model = cls(TopoformerConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt['model'])
         return model.to(device).eval()
@@ -426,16 +523,17 @@ def disc_mask(side, frac, wrap=True):
 
 def mask_tokens(x, generator=None):
     """
-    BERT's masking of a (B, T) batch: each token is picked with probability 0.15; a picked token becomes
-    [MASK] 80% of the time, a random token 10%, and stays itself 10%. Returns the model's input and the
-    targets: the original token where picked, IGNORE_INDEX elsewhere. All draws have fixed shapes, so a
-    batch always consumes the same amount of the generator.
+    BERT's masking of a (B, T) batch: each token but the special ones (end-of-text, [PAD]) is picked with
+    probability 0.15; a picked token becomes [MASK] 80% of the time, a random token 10%, and stays itself
+    10%. Returns the model's input and the targets: the original token where picked, IGNORE_INDEX
+    elsewhere. All draws have fixed shapes, so a batch always consumes the same amount of the generator.
     """
     u = torch.rand(x.shape, generator=generator)
+    u = u.masked_fill((x == EOT_ID) | (x == PAD_ID), 2.0)  # never picked, as in the official masking
     picked = u < MASK_PROB
-    picked.view(-1)[u.view(-1).argmin()] = True  # at least one target, even in a tiny batch
+    picked.view(-1)[u.view(-1).argmin()] |= bool(u.min() < 2)  # at least one target, even in a tiny batch
     r = torch.rand(x.shape, generator=generator)
-    random_tokens = torch.randint(N_TOKENS, x.shape, generator=generator)
+    random_tokens = torch.randint(EOT_ID, x.shape, generator=generator)  # a real token, not end-of-text
     inp = torch.where(picked & (r < 0.8), MASK_ID, x)
     inp = torch.where(picked & (r >= 0.8) & (r < 0.9), random_tokens, inp)
     return inp, torch.where(picked, x, IGNORE_INDEX)
@@ -446,14 +544,26 @@ def to_device(x, y, device):
     return x.to(device), y.to(device)
 
 def open_split(cfg, split):
-    path = os.path.join(cfg['data_dir'], cfg['dataset'], f'{split}.bin')
-    if not os.path.exists(path):
-        raise UsageError(f"no {path}: prepare it with `python prepare_data.py` (Shakespeare), or "
-                         f"`python prepare_data.py --input=YOUR_TEXT --name={cfg['dataset']}`")
-    data = np.memmap(path, dtype=np.uint16, mode='r')
-    if len(data) <= cfg['block_size']:
-        raise UsageError(f"{path} has {len(data)} tokens, too few for block_size={cfg['block_size']}")
-    return data
+    """data_dir/dataset/split.bin as uint16 tokens, after checking that it is what prepare_data.py wrote:
+    meta.json, which it writes last, names the token count of each file."""
+    folder = os.path.join(cfg['data_dir'], cfg['dataset'])
+    path = os.path.join(folder, f'{split}.bin')
+    rerun = (f"prepare it with `python prepare_data.py` (Shakespeare), or "
+             f"`python prepare_data.py --input=YOUR_TEXT --name={cfg['dataset']}`")
+    if not os.path.isfile(path):
+        raise UsageError(f"no {path}: {rerun}")
+    try:
+        with open(os.path.join(folder, 'meta.json'), encoding='utf-8') as f:
+            expected = json.load(f)[f'{split}_tokens']
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{folder} has no complete meta.json (an interrupted prepare_data.py?): {rerun}") from None
+    size = os.path.getsize(path)
+    if size != 2 * expected:
+        raise UsageError(f"{path} holds {size} bytes, not the {expected} uint16 tokens that meta.json names: "
+                         f"the folder is mixed or damaged; {rerun}")
+    if expected <= cfg['block_size'] + 1:
+        raise UsageError(f"{path} has {expected} tokens, too few for block_size={cfg['block_size']}")
+    return np.memmap(path, dtype=np.uint16, mode='r')
 
 def get_batch(data, batch_size, block_size, device, generator=None):
     # x: (B, T) masked random chunks of the token file, y: (B, T) the MLM targets
@@ -483,7 +593,7 @@ def load_imdb(imdb_dir, split, block_size):
         enc = tiktoken.get_encoding('gpt2')
     except Exception as e:
         raise UsageError(f"tiktoken could not load the GPT-2 vocabulary ({type(e).__name__}); offline, point "
-                         f"TIKTOKEN_CACHE_DIR at a cache of it (see README)") from None
+                         f"TIKTOKEN_CACHE_DIR at a copy of tiktoken's cache (see README)") from None
     ids = [t[:block_size] for t in enc.encode_ordinary_batch(texts)]
     keep = [i for i, t in enumerate(ids) if t]  # an empty review has nothing to classify
     tokens = torch.full((len(keep), block_size), PAD_ID, dtype=torch.long)
@@ -498,66 +608,80 @@ def imdb_batch(tokens, labels, ix, device):
     return to_device(x, labels[ix], device)
 
 # -----------------------------------------------------------------------------
-# Training
+# Training: the run's device and precision, the learning rate, one step
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, no traceback."""
+def pick_device(name, local_rank=0):
+    """The torch device for --device: auto = cuda, then mps, then cpu; a device that is not there is an error."""
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if name == 'cuda' and torch.cuda.is_available():
+        return f'cuda:{local_rank}'
+    ok = (name == 'cpu' or (name == 'mps' and torch.backends.mps.is_available()) or
+          (re.fullmatch(r'cuda:\d+', name) and int(name[5:]) < torch.cuda.device_count()))
+    if not ok:
+        raise UsageError(f"--device={name}: not a device of this machine (it has cpu"
+                         f"{', cuda' if torch.cuda.is_available() else ''}"
+                         f"{', mps' if torch.backends.mps.is_available() else ''}); or use --device=auto")
+    return name
 
-def parse_args(argv):
-    """--key=value for any key of the config block (type checked), bare --flag for booleans,
-    --preset=NAME first, the task's defaults under both. Returns the full config and the keys the
-    user set (preset included)."""
-    if '-h' in argv or '--help' in argv:
-        print(__doc__.strip() + '\n\nconfig keys (--key=value):')
-        for k, v in DEFAULTS.items():
-            print(f"  --{k}={v}")
-        for name, d in TASK_DEFAULTS.items():
-            if d:
-                print(f"--task={name} sets: " + ', '.join(f'{k}={v}' for k, v in d.items()))
-        print('presets: ' + ', '.join(f"{name} ({', '.join(f'{k}={v}' for k, v in p.items())})"
-                                      for name, p in PRESETS.items()))
-        sys.exit(0)
-    given = {}
-    for arg in argv:
-        if not arg.startswith('--'):
-            raise UsageError(f"unexpected argument {arg!r}: options look like --key=value (see --help)")
-        key, eq, val = arg[2:].partition('=')
-        if key not in DEFAULTS:
-            raise UsageError(f"unknown config key {key!r} (see --help for the list)")
-        default = DEFAULTS[key]
-        if not eq:
-            if not isinstance(default, bool):
-                raise UsageError(f"--{key} needs a value, e.g. --{key}={default}")
-            given[key] = True
-        elif isinstance(default, bool):
-            if val.lower() not in ('true', 'false', '1', '0'):
-                raise UsageError(f"--{key}={val}: expected True or False")
-            given[key] = val.lower() in ('true', '1')
-        else:
-            try:
-                given[key] = type(default)(val)
-            except ValueError:
-                raise UsageError(f"--{key}={val}: expected a {type(default).__name__}") from None
-    if given.get('preset'):
-        if given['preset'] not in PRESETS:
-            raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(PRESETS)}")
-        given = {**PRESETS[given['preset']], **given}  # explicit keys win over the preset
-    task = given.get('task', DEFAULTS['task'])
-    if task not in TASK_DEFAULTS:
-        raise UsageError(f"unknown task {task!r}; tasks: {', '.join(TASK_DEFAULTS)}")
-    return {**DEFAULTS, **TASK_DEFAULTS[task], **given}, given
+def pick_dtype(name, device_type):
+    """--dtype: auto = bfloat16 autocast on CUDA GPUs that have it (float16 with a gradient scaler on older
+    ones) and on CPUs with native bf16 arithmetic (AVX512-BF16, AMX), float32 elsewhere."""
+    cuda_bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported()
+    if name == 'auto':
+        if device_type == 'cuda':
+            return 'bfloat16' if cuda_bf16 else 'float16'
+        cpu_bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported',
+                                                                        '_is_amx_tile_supported'))
+        return 'bfloat16' if device_type == 'cpu' and cpu_bf16 else 'float32'
+    if name == 'float16' and device_type == 'cpu':
+        raise UsageError("--dtype=float16 needs a GPU (cuda or mps); on a CPU use bfloat16 or float32")
+    if name == 'bfloat16' and device_type == 'cuda' and not cuda_bf16:
+        raise UsageError("--dtype=bfloat16: this GPU has no bf16; use float16 or float32")
+    return name
 
-def pick_device(name):
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    return 'mps' if torch.backends.mps.is_available() else 'cpu'
+def setup(cfg):
+    """
+    Where and how the run computes: one process, or one per device under torchrun (DDP: gloo on CPU, nccl
+    on CUDA); the device; the dtype and its autocast context and gradient scaler; and how the processes
+    share a step of gradient_accumulation_steps x batch_size sequences (each runs `accum` micro-batches of
+    `batch_size`). Returns a namespace of all that.
+    """
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, world, local_rank = 0, 1, 0
+    if ddp:
+        rank, world, local_rank = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+    dev = pick_device(cfg['device'], local_rank)
+    device_type = dev.split(':')[0]
+    dtype = pick_dtype(cfg['dtype'], device_type)
+    accum, batch_size = cfg['gradient_accumulation_steps'], cfg['batch_size']
+    if accum % world == 0:  # fewer micro-batches per process
+        accum //= world
+    elif batch_size % world == 0:  # or smaller micro-batches: the same tokens per step either way
+        batch_size //= world
+    else:
+        raise UsageError(f"a step of {accum} x {batch_size} sequences cannot be shared evenly by {world} processes: "
+                         f"make gradient_accumulation_steps or batch_size a multiple of {world}")
+    if ddp:
+        from torch.distributed import init_process_group
+        if device_type == 'cuda':
+            torch.cuda.set_device(dev)
+        init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+    if device_type == 'cpu':
+        keep_freed_memory()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    ptdtype = getattr(torch, dtype)
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+    return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, dev=dev, device_type=device_type,
+                           dtype=dtype, ctx=ctx, scaler=scaler, accum=accum, batch_size=batch_size)
 
 def keep_freed_memory():
     """
-    glibc hands big freed blocks (activations, the masked positions' logits, their gradients) back to
-    the OS, and writing into fresh pages is slow: measured 3x slower CPU steps. Ask it to keep them.
+    glibc hands big freed blocks (the (B*T) x vocab logits and their gradient) back to the OS, and
+    writing into fresh pages is slow on some machines: CPU steps were up to 1.5x slower (README, "Speed").
+    Ask it to keep them for reuse.
     """
     try:
         import ctypes
@@ -577,37 +701,49 @@ def get_lr(it, cfg):
     ratio = (it - cfg['warmup_iters']) / max(1, decay_iters - cfg['warmup_iters'])
     return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
 
-def model_args_of(cfg):
-    return dict(n_layer=cfg['n_layer'], n_head=cfg['n_head'], n_embd=cfg['n_embd'], ffn_size=cfg['ffn_size'],
-                block_size=cfg['block_size'], vocab_size=50304, dropout=cfg['dropout'], sq=cfg['sq'],
-                sr=cfg['sr'], wrap=cfg['wrap'], sr_nonneg=cfg['sr_nonneg'],
-                n_class=2 if cfg['task'] == 'sentiment' else 0)
-
-def build_model(model_args):
-    try:
-        return Topoformer(TopoformerConfig(**model_args))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-def train_step(model, optimizer, scaler, next_batch, cfg, ctx, ddp):
-    """One optimizer step over gradient_accumulation_steps micro-batches. Returns (loss, grad norm)."""
-    steps = cfg['gradient_accumulation_steps']
-    for micro_step in range(steps):
-        if ddp:  # all-reduce the gradients only once, after the last micro-batch
-            model.require_backward_grad_sync = micro_step == steps - 1
+def train_step(model, optimizer, next_batch, run, grad_clip):
+    """One optimizer step over run.accum micro-batches. Returns (loss, grad norm); on a non-finite loss or
+    gradient the weights are left untouched (the caller stops)."""
+    for micro_step in range(run.accum):
+        if run.ddp:  # all-reduce the gradients only once, after the last micro-batch
+            model.require_backward_grad_sync = micro_step == run.accum - 1
         X, Y = next_batch()
-        with ctx:
+        with run.ctx:
             _, loss = model(X, Y)
-        scaler.scale(loss / steps).backward()
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or float('inf'))
-    if not (math.isfinite(loss.item()) and (scaler.is_enabled() or math.isfinite(norm.item()))):
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item(), norm.item()  # the caller stops; the weights were not touched
-    scaler.step(optimizer)
-    scaler.update()
+        run.scaler.scale(loss / run.accum).backward()
+    run.scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+    if math.isfinite(loss.item()) and (run.scaler.is_enabled() or math.isfinite(norm.item())):
+        run.scaler.step(optimizer)  # (with fp16 the scaler itself skips steps with inf gradients)
+        run.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss.item(), norm.item()
+
+def diverged(loss, first_loss):
+    """A loss that is not finite, or far above where the run started, is divergence: never saved."""
+    return not math.isfinite(loss) or (first_loss is not None and loss > 2 * first_loss + 1)
+
+@torch.no_grad()
+def estimate_loss(model, batch, cfg, run):
+    """Mean loss (and, classifying, accuracy) over eval_iters batches of each split. The same batches
+    every time (own generator) and the training RNG stream untouched (fork_rng), so that evaluating never
+    changes the course of training: resume stays exact."""
+    out = {}
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        for split in ('train', 'val'):
+            g = torch.Generator().manual_seed(cfg['seed'])
+            losses, accs = torch.zeros(cfg['eval_iters']), torch.zeros(cfg['eval_iters'])
+            for k in range(cfg['eval_iters']):
+                X, Y = batch(split, g)
+                with run.ctx:
+                    logits, loss = model(X, Y)
+                losses[k] = loss.item()
+                if model.config.n_class:
+                    accs[k] = (logits.argmax(-1) == Y).float().mean().item()
+            out[split] = (losses.mean().item(), accs.mean().item())
+    model.train()
+    return out
 
 @torch.no_grad()
 def accuracy(model, tokens, labels, batch_size, device, ctx):
@@ -622,224 +758,59 @@ def accuracy(model, tokens, labels, batch_size, device, ctx):
     model.train()
     return right / len(labels)
 
-def main(argv):
-    cfg, given = parse_args(argv)
-    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
-    ckpt = None
-    if cfg['resume']:
-        ckpt = load_checkpoint(ckpt_path)
-        cfg = {**ckpt['config'], **given}  # the run's own config, then what was set now
+def build_model(model_args):
+    try:
+        return Topoformer(TopoformerConfig(**model_args))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
-    # DDP (torchrun): one process per device; gloo on CPU, nccl on CUDA
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, world = 0, 1
-    if ddp:
-        from torch.distributed import init_process_group
-        rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        local_rank = int(os.environ['LOCAL_RANK'])
-        dev = pick_device(cfg['device'])
-        if dev.startswith('cuda'):
-            dev = f'cuda:{local_rank}'
-            torch.cuda.set_device(dev)
-        init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
-        if cfg['gradient_accumulation_steps'] % world:
-            raise UsageError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a "
-                             f"multiple of the {world} processes (it counts micro-batches over all of them)")
-        cfg['gradient_accumulation_steps'] //= world
-    else:
-        dev = pick_device(cfg['device'])
-    master = rank == 0
-    device_type = 'cuda' if dev.startswith('cuda') else dev.split(':')[0]
-    if device_type == 'cpu':
-        keep_freed_memory()
-    torch.manual_seed(cfg['seed'] + rank)  # each rank draws its own batches and masks
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    # bf16 autocast on CUDA (fp16 with a gradient scaler on GPUs without bf16), plain fp32 elsewhere
-    dtype = torch.float32
-    if device_type == 'cuda':
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    ctx = torch.autocast(device_type=device_type, dtype=dtype) if device_type == 'cuda' else nullcontext()
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
-
-    model_args = model_args_of(cfg)
-    if ckpt is not None:
-        model_args = ckpt['model_args']  # the model is what was trained, whatever the flags say now
-    if (cfg['task'] == 'sentiment') != bool(model_args['n_class']):
-        raise UsageError(f"--task={cfg['task']} does not fit the checkpoint's model (a "
-                         f"{'classifier' if model_args['n_class'] else 'masked LM'})")
-    if cfg['block_size'] > model_args['block_size']:
-        raise UsageError(f"block_size={cfg['block_size']} is longer than the model's context "
-                         f"({model_args['block_size']} tokens)")
-    if cfg['bench']:
-        benchmark(model_args, cfg, scaler, ctx, dev)
-        return
-    model = build_model(model_args)
-    if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-    model.to(dev)
-    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                           (cfg['beta1'], cfg['beta2']), device_type)
-    iter_num, best_val_loss = 0, float('inf')
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-        if ddp:  # only rank 0's generator state is saved: give each rank its own stream again
-            torch.manual_seed(cfg['seed'] + rank + 1000 * iter_num)
-        else:
-            set_rng_state(ckpt['rng'])
-        ckpt = None  # free the memory
-
-    # the data, before the model is compiled: a missing file should fail at once
-    B, T = cfg['batch_size'], cfg['block_size']
-    sentiment = cfg['task'] == 'sentiment'
-    if sentiment:
-        tokens, labels = load_imdb(cfg['imdb_dir'], 'train', T)
-        is_val = torch.arange(len(labels)) % 10 == 0  # every 10th training review is held out
-        splits = {'train': (tokens[~is_val], labels[~is_val]), 'val': (tokens[is_val], labels[is_val])}
-        test_set = load_imdb(cfg['imdb_dir'], 'test', T)
-    else:
-        splits = {'train': open_split(cfg, 'train'), 'val': open_split(cfg, 'val')}
-
-    def batch(split, generator=None):
-        if sentiment:
-            tokens, labels = splits[split]
-            return imdb_batch(tokens, labels, torch.randint(len(labels), (B,), generator=generator), dev)
-        return get_batch(splits[split], B, T, dev, generator)
-
-    raw_model = model
-    items_per_iter = cfg['gradient_accumulation_steps'] * world * B * (1 if sentiment else T)
-    unit = 'reviews' if sentiment else 'tok'
-    if master:
-        side = math.isqrt(model.config.n_embd)
-        kind = 'the non-topographic control' if model.config.sq == model.config.sr == 1 else 'Topoformer'
-        print(f"{kind}: {model.get_num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-              f"{side}x{side} grid ({'torus' if model.config.wrap else 'flat'}), sq={model.config.sq}, "
-              f"sr={model.config.sr}, task {cfg['task']}")
-        print(f"device {dev}, {dtype}, {world} process(es), {items_per_iter:,} {unit} per iteration")
-    if cfg['compile']:
-        if master:
-            print("compiling the model... (a minute or two)")
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        # the SQ/SR buffers never change: no need to broadcast them every forward
-        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
-
-    @torch.no_grad()
-    def estimate_loss():
-        # the same eval batches every time (own generator), and the training RNG stream untouched
-        # (fork_rng), so that evaluating never changes the course of training: resume stays exact
-        out = {}
-        model.eval()
-        with torch.random.fork_rng(devices=[]):
-            for split in ('train', 'val'):
-                g = torch.Generator().manual_seed(cfg['seed'])
-                losses, accs = torch.zeros(cfg['eval_iters']), torch.zeros(cfg['eval_iters'])
-                for k in range(cfg['eval_iters']):
-                    X, Y = batch(split, g)
-                    with ctx:
-                        logits, loss = raw_model(X, Y)
-                    losses[k] = loss.item()
-                    if sentiment:
-                        accs[k] = (logits.argmax(-1) == Y).float().mean().item()
-                out[split] = (losses.mean().item(), accs.mean().item())
-        model.train()
-        return out
-
-    os.makedirs(cfg['out_dir'], exist_ok=True)
-    start_iter = iter_num
-    t0, it0 = time.time(), iter_num  # the log's ms/iter: time since t0 over iterations since it0
-    while True:
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        if master and (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']):
-            losses = estimate_loss()
-            (tl, ta), (vl, va) = losses['train'], losses['val']
-            what = 'loss' if sentiment else 'masked-token loss'
-            msg = f"step {iter_num}: train {what} {tl:.4f}, val {what} {vl:.4f}"
-            print(msg + (f", train acc {ta:.3f}, val acc {va:.3f}" if sentiment else ''))
-            if not math.isfinite(vl):
-                raise UsageError(f"val loss is {vl} at iter {iter_num}: training diverged and stopped; the "
-                                 f"last good checkpoint (if any) is {ckpt_path}. Try a lower learning_rate.")
-            best_val_loss = min(best_val_loss, vl)
-            if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
-                save_checkpoint(ckpt_path, raw_model, optimizer, iter_num, best_val_loss, cfg)
-                print(f"saved {ckpt_path}")
-            t0, it0 = time.time(), iter_num
-        if iter_num >= cfg['max_iters']:
-            break
-        loss, norm = train_step(model, optimizer, scaler, lambda: batch('train'), cfg, ctx, ddp)
-        if not (math.isfinite(loss) and math.isfinite(norm)) and not scaler.is_enabled():
-            saved = (f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path)
-                     else "no checkpoint yet")
-            raise UsageError(f"loss is {loss}, grad norm {norm} at iter {iter_num}: training diverged and "
-                             f"stopped; {saved}. Try a lower learning_rate.")
-        iter_num += 1
-        if master and iter_num % cfg['log_interval'] == 0:
-            dt = (time.time() - t0) / (iter_num - it0)
-            t0, it0 = time.time(), iter_num
-            msg = (f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
-                   f"{items_per_iter / dt:,.0f} {unit}/s")
-            if device_type == 'cuda' and not sentiment:
-                msg += f", mfu {raw_model.estimate_mfu(items_per_iter, dt) * 100:.1f}%"
-            print(msg, flush=True)
-    if master and sentiment:
-        acc = accuracy(raw_model, *test_set, 2 * B, dev, ctx)
-        print(f"test accuracy {acc:.4f} on {len(test_set[1])} reviews")
-    if ddp:
-        from torch.distributed import destroy_process_group
-        destroy_process_group()
-
-def benchmark(model_args, cfg, scaler, ctx, dev):
+def benchmark(model_args, cfg, run):
     """ms/step of the Topoformer (sq, sr as configured, 0.3 where they are 1) and of its control
-    (sq = sr = 1) at the same size, interleaved step by step in one process so that drifting machine
-    speed hits both alike. Same random batch for both, no data."""
+    (sq = sr = 1) at the same size, interleaved step by step in one process, the order alternating, so
+    that drifting machine speed hits both alike. Same random batch for both, no data."""
     import resource
-    cuda = dev.startswith('cuda')
-    B, T = cfg['batch_size'], cfg['block_size']
+    cuda = run.device_type == 'cuda'
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    B, T = run.batch_size, cfg['block_size']
     g = torch.Generator().manual_seed(0)
-    X = torch.randint(0, N_TOKENS, (B, T), generator=g)
+    X = torch.randint(0, EOT_ID, (B, T), generator=g)
     if model_args['n_class']:
-        X, Y = to_device(X, torch.randint(0, model_args['n_class'], (B,), generator=g), dev)
+        X, Y = to_device(X, torch.randint(0, model_args['n_class'], (B,), generator=g), run.dev)
     else:
-        X, Y = to_device(*mask_tokens(X, g), dev)
+        X, Y = to_device(*mask_tokens(X, g), run.dev)
     runs = {}
     topo = tuple(v if v < 1 else 0.3 for v in (model_args['sq'], model_args['sr']))
     for name, (sq, sr) in (('control', (1.0, 1.0)), ('topoformer', topo)):
         torch.manual_seed(cfg['seed'])
-        model = build_model({**model_args, 'sq': sq, 'sr': sr}).to(dev)
+        model = build_model({**model_args, 'sq': sq, 'sr': sr}).to(run.dev)
         optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                               (cfg['beta1'], cfg['beta2']), dev.split(':')[0])
+                                               (cfg['beta1'], cfg['beta2']), run.device_type)
         runs[name] = (torch.compile(model) if cfg['compile'] else model, optimizer, f"{name} (sq={sq}, sr={sr})")
     times, peak = {name: [] for name in runs}, {}
     for name, (model, optimizer, _) in runs.items():  # warm up (and compile) each; peak memory in this order
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
-            train_step(model, optimizer, scaler, lambda: (X, Y), cfg, ctx, False)
+            train_step(model, optimizer, lambda: (X, Y), run, cfg['grad_clip'])
         peak[name] = (torch.cuda.max_memory_allocated() if cuda else
                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     n = 10
-    print(f"benchmark: {n} steps each, interleaved, batch {B} x {T} x {cfg['gradient_accumulation_steps']} "
-          f"accum, {model_args['n_layer']} layers, D={model_args['n_embd']}")
+    print(f"benchmark: {n} steps each, interleaved, batch {B} x {T} x {run.accum} accum, {run.dtype}, "
+          f"{model_args['n_layer']} layers, D={model_args['n_embd']}")
     for i in range(n):
         for name in (('topoformer', 'control') if i % 2 else ('control', 'topoformer')):
             model, optimizer, _ = runs[name]
-            if cuda:
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
-            train_step(model, optimizer, scaler, lambda: (X, Y), cfg, ctx, False)
-            if cuda:
-                torch.cuda.synchronize()
+            train_step(model, optimizer, lambda: (X, Y), run, cfg['grad_clip'])
+            sync()
             times[name].append(time.perf_counter() - t)
-    tokens = B * T * cfg['gradient_accumulation_steps']
+    tokens = B * T * run.accum
     for name, (model, _, label) in runs.items():
-        ms = 1000 * float(np.median(times[name]))
-        line = f"{label:32s} {ms:8.1f} ms/step  {tokens / ms * 1000:9,.0f} tok/s  peak {peak[name]:7,.0f} MiB"
-        if cuda:
-            line += f"  mfu {getattr(model, '_orig_mod', model).estimate_mfu(tokens, ms / 1000) * 100:.1f}%"
+        s = float(np.median(times[name]))
+        line = f"{label:32s} {s * 1000:8.1f} ms/step  {tokens / s:9,.0f} tok/s  peak {peak[name]:7,.0f} MiB"
+        flops = getattr(model, '_orig_mod', model).flops_per_token() * tokens / s
+        line += f"  mfu {flops / 312e12 * 100:.1f}%" if cuda else f"  {flops / 1e9:5.1f} GFLOP/s"
         print(line)
     ratios = [a / b for a, b in zip(times['topoformer'], times['control'])]
     print(f"topoformer/control ratio: {np.median(times['topoformer']) / np.median(times['control']):.3f} "
@@ -848,36 +819,72 @@ def benchmark(model_args, cfg, scaler, ctx, dev):
 # -----------------------------------------------------------------------------
 # Checkpointing
 
-def save_checkpoint(path, model, optimizer, iter_num, best_val_loss, cfg):
-    """Everything a bit-exact resume needs. Written to a temporary file and renamed, so that a kill
-    during the save leaves the previous checkpoint intact."""
-    ckpt = {
-        'model_type': 'topoformer',
+@contextmanager
+def signals_deferred():
+    """Ctrl-C (SIGINT) or SIGTERM inside this block waits until the block is done, then acts as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    caught = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            os.kill(os.getpid(), s)  # delivered now, to the handler that was there before
+
+def save_checkpoint(path, ckpt):
+    """Write ckpt to path through a temporary file and a rename, with Ctrl-C held off until it is done: a kill,
+    an interrupt or a full disk during a save always leaves the previous checkpoint whole."""
+    tmp = path + '.tmp'
+    with signals_deferred():
+        try:
+            with open(tmp, 'wb') as f:
+                torch.save(ckpt, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"could not write {path} ({reason}; a full disk?): {last_checkpoint(path)}") from None
+
+def checkpoint_of(model, optimizer, iter_num, best_val_loss, first_val_loss, cfg):
+    """Everything a bit-exact resume needs. cfg is the user's config: a resume on another number of
+    processes shares the same step among them (see setup)."""
+    return {
+        'model_type': MODEL_TYPE,
         'model_args': asdict(model.config),
-        'model': model.state_dict(),  # the SQ/SR masks are not in it: they follow from model_args
+        'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
+        'first_val_loss': first_val_loss,  # the divergence check compares with it (see diverged)
         'config': cfg,
         'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
                 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+def last_checkpoint(path):
+    return f"the last good checkpoint, {path}, is intact" if os.path.exists(path) else "no checkpoint was saved"
 
 def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise UsageError(f"--resume: no checkpoint at {path} (set --out_dir to the run's folder)")
+    """A checkpoint of this script, checked for everything a resume or from_checkpoint reads."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path} (for --resume, set --out_dir to the run's folder)")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise UsageError(f"{path} could not be read as a checkpoint: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get('model_type') != 'topoformer':
-        raise UsageError(f"{path} is not a Topoformer checkpoint written by topoformer.py")
+        raise UsageError(f"{path} could not be read as a checkpoint ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get('model_type') != MODEL_TYPE:
+        raise UsageError(f"{path} is not a {MODEL_TYPE} checkpoint written by {os.path.basename(__file__)}")
+    missing = [k for k in ('model_args', 'model', 'optimizer', 'iter_num', 'best_val_loss', 'config', 'rng')
+               if k not in ckpt]
+    if missing:
+        raise UsageError(f"{path} is incomplete: it has no {', '.join(missing)}")
     return ckpt
 
 def set_rng_state(rng):
@@ -887,12 +894,155 @@ def set_rng_state(rng):
     if rng['cuda'] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng['cuda'])
 
-if __name__ == '__main__':
+def resume_config(ckpt, given):
+    """A resumed run's config: the run's own, then what was set now, except the model's shape, which is
+    the checkpoint's whatever the flags say (a note names what is ignored)."""
+    cfg = {**DEFAULTS, **ckpt['config'], **given}
+    ignored = [k for k, v in ckpt['model_args'].items() if k in given and given[k] != v]
+    cfg.update({k: v for k, v in ckpt['model_args'].items() if k in cfg})
+    if ignored and int(os.environ.get('RANK', 0)) == 0:
+        print(f"note: --resume keeps the checkpoint's model; ignoring {', '.join(f'--{k}' for k in ignored)}")
+    return cfg
+
+def writable_dir(path):
+    """Make sure out_dir is a folder this run can write into, before any work is done."""
     try:
-        main(sys.argv[1:])
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f'.write-test-{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out_dir={path} is not a folder this run can write ({e.strerror})") from None
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+def main(argv):
+    cfg, given = config_of(argv)
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
+    ckpt = load_checkpoint(ckpt_path) if cfg['resume'] else None
+    if ckpt is not None:
+        cfg = resume_config(ckpt, given)
+    run = setup(cfg)
+    torch.manual_seed(cfg['seed'] + run.rank)  # each process draws its own batches and masks
+    sentiment = cfg['task'] == 'sentiment'
+    model_args = {f.name: cfg[f.name] for f in fields(TopoformerConfig) if f.name in cfg}
+    model_args = ckpt['model_args'] if ckpt is not None else {**model_args, 'n_class': 2 if sentiment else 0}
+    if sentiment != bool(model_args['n_class']):
+        raise UsageError(f"--task={cfg['task']} does not fit the checkpoint's model (a "
+                         f"{'classifier' if model_args['n_class'] else 'masked LM'})")
+    if cfg['bench']:
+        return benchmark(model_args, cfg, run)
+    model = build_model(model_args)
+    iter_num, best_val_loss, first_val_loss = 0, float('inf'), None
+    if ckpt is not None:
+        model.load_state_dict(ckpt['model'])
+        iter_num, best_val_loss, first_val_loss = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('first_val_loss')
+    model.to(run.dev)
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
+                                           (cfg['beta1'], cfg['beta2']), run.device_type)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if run.ddp:  # only rank 0's generator state is saved: give each rank its own stream again
+            torch.manual_seed(cfg['seed'] + run.rank + 1000 * iter_num)
+        else:
+            set_rng_state(ckpt['rng'])
+        ckpt = None  # free the memory
+
+    # the data, before the model is compiled: a missing file should fail at once
+    B, T = run.batch_size, cfg['block_size']
+    if sentiment:
+        tokens, labels = load_imdb(cfg['imdb_dir'], 'train', T)
+        is_val = torch.arange(len(labels)) % 10 == 0  # every 10th training review is held out
+        data = {'train': (tokens[~is_val], labels[~is_val]), 'val': (tokens[is_val], labels[is_val])}
+        test_set = load_imdb(cfg['imdb_dir'], 'test', T)
+        batch = lambda split, g=None: imdb_batch(*data[split], torch.randint(len(data[split][1]), (B,), generator=g), run.dev)
+    else:
+        data = {split: open_split(cfg, split) for split in ('train', 'val')}
+        batch = lambda split, g=None: get_batch(data[split], B, T, run.dev, g)
+    raw_model = model
+    items_per_iter = run.accum * run.world * B * (1 if sentiment else T)
+    unit = 'reviews' if sentiment else 'tok'
+    if run.master:
+        side = math.isqrt(model.config.n_embd)
+        kind = 'the non-topographic control' if model.config.sq == model.config.sr == 1 else 'Topoformer'
+        print(f"{kind}: {model.get_num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
+              f"{side}x{side} grid ({'torus' if model.config.wrap else 'flat'}), sq={model.config.sq}, "
+              f"sr={model.config.sr}, task {cfg['task']}")
+        print(f"device {run.dev}, {run.dtype}, {run.world} process(es) of {run.accum} x {B} sequences, "
+              f"{items_per_iter:,} {unit} per iteration")
+        writable_dir(cfg['out_dir'])
+    if cfg['compile']:
+        if run.master:
+            print("compiling the model... (about a minute on a CPU, at the first steps)")
+        model = torch.compile(model)
+    if run.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # the SQ/SR buffers never change: no need to broadcast them every forward
+        model = DDP(model, device_ids=[run.dev] if run.device_type == 'cuda' else None, broadcast_buffers=False)
+
+    start_iter = iter_num
+    t0, it0 = time.time(), iter_num  # the log's ms/iter: time since t0 over iterations since it0
+    while True:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        if run.master and (iter_num % cfg['eval_interval'] == 0 or iter_num == cfg['max_iters']):
+            (tl, ta), (vl, va) = estimate_loss(raw_model, batch, cfg, run).values()
+            what = 'loss' if sentiment else 'masked-token loss'
+            print(f"step {iter_num}: train {what} {tl:.4f}, val {what} {vl:.4f}"
+                  + (f", train acc {ta:.3f}, val acc {va:.3f}" if sentiment else ''))
+            first_val_loss = vl if first_val_loss is None else first_val_loss
+            if diverged(vl, first_val_loss) or not math.isfinite(tl):
+                raise UsageError(f"training diverged at iter {iter_num} (val loss {vl:.4g}, it started at "
+                                 f"{first_val_loss:.4g}) and stopped; {last_checkpoint(ckpt_path)}. "
+                                 f"Try a lower learning_rate.")
+            best_val_loss = min(best_val_loss, vl)
+            if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
+                save_checkpoint(ckpt_path, checkpoint_of(raw_model, optimizer, iter_num, best_val_loss,
+                                                         first_val_loss, cfg))
+                print(f"saved {ckpt_path}")
+            t0, it0 = time.time(), iter_num
+        if iter_num >= cfg['max_iters']:
+            break
+        loss, norm = train_step(model, optimizer, lambda: batch('train'), run, cfg['grad_clip'])
+        if not run.scaler.is_enabled() and not (math.isfinite(loss) and math.isfinite(norm)):
+            raise UsageError(f"loss {loss}, gradient norm {norm} at iter {iter_num}: training diverged and "
+                             f"stopped; {last_checkpoint(ckpt_path)}. Try a lower learning_rate.")
+        iter_num += 1
+        if run.master and iter_num % cfg['log_interval'] == 0:
+            dt = (time.time() - t0) / (iter_num - it0)
+            t0, it0 = time.time(), iter_num
+            msg = (f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                   f"{items_per_iter / dt:,.0f} {unit}/s")
+            if run.device_type == 'cuda' and not sentiment:
+                msg += f", mfu {raw_model.estimate_mfu(items_per_iter / run.world / dt) * 100:.1f}%"
+            print(msg, flush=True)
+    if start_iter >= cfg['max_iters'] and run.master:
+        print(f"nothing to train: the run is at iter {start_iter} and max_iters={cfg['max_iters']}")
+    if run.master and sentiment:
+        acc = accuracy(raw_model, *test_set, 2 * B, run.dev, run.ctx)
+        print(f"test accuracy {acc:.4f} on {len(test_set[1])} reviews")
+    if run.ddp:
+        from torch.distributed import destroy_process_group
+        destroy_process_group()
+
+def command(main, argv):
+    """Run main as a command: a UsageError is one line on stderr and exit 2, Ctrl-C exit 130; under
+    torchrun only the first process speaks."""
+    speak = int(os.environ.get('RANK', 0)) == 0
+    try:
+        main(argv)
+        return 0
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if speak:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint (if any) is intact", file=sys.stderr)
-        sys.exit(130)
+        if speak:
+            print("\ninterrupted; a checkpoint is only ever replaced whole: the last one saved is intact",
+                  file=sys.stderr)
+        return 130
+
+if __name__ == '__main__':
+    sys.exit(command(main, sys.argv[1:]))
