@@ -20,8 +20,10 @@ conversion). Every document's tokens are followed by the end-of-text token 50256
   - tinystories / fineweb-edu are streamed: each document goes to val with probability val_fraction
     (seeded), and writing stops after the document that reaches --max_tokens (0 = no cap).
 A long document is encoded in ~1 MB pieces cut where GPT-2's pre-tokenizer always splits, so the tokens
-are exactly those of encoding it whole. Tokens go to train.bin.tmp / val.bin.tmp as they come and are
-renamed at the end: an interrupted or failed run leaves no half-written .bin.
+are exactly those of encoding it whole. Tokens go to train.bin.tmp / val.bin.tmp as they come; at the
+end the old meta.json goes, the two files are renamed into place and the new meta.json (with each file's
+token count, which the trainers check) is written, with Ctrl-C held off meanwhile: an interrupted or
+failed run leaves either the old dataset or the new one, never a mix that a trainer would accept.
 """
 
 import os
@@ -32,22 +34,26 @@ import json
 import time
 import random
 import shutil
+import signal
+import threading
 import tarfile
 import http.client
 import urllib.request
+from contextlib import contextmanager
 
 import numpy as np
 import tiktoken
 
 # -----------------------------------------------------------------------------
-# defaults, each overridable as --key=value; --help lists them
+# config: plain defaults, each overridable as --key=value (--help lists them). A check before the
+# comment's colon (>= 0, (0, 1), a|b) says which values the command line accepts.
 input = ''  # a text file or a folder of .txt files to prepare; '' = prepare --dataset
-dataset = 'shakespeare'  # shakespeare | tinystories | fineweb-edu | imdb (downloaded)
-name = ''  # output folder out_dir/<name>; '' = the stem of --input, or the dataset's name
-out_dir = 'data'  # = topo_gpt.py's --data_dir
-val_fraction = 0.1  # of the documents, or of the tokens of a single document
-seed = 1337  # for the document shuffle / split
-max_tokens = 0  # tinystories / fineweb-edu only: stop after about this many tokens (0 = all)
+dataset = 'shakespeare'  # shakespeare|tinystories|fineweb-edu|imdb: the corpus to download, without --input
+name = ''  # the folder out_dir/<name>; '' = the stem of --input, or the dataset's name
+out_dir = 'data'  # where the dataset folders go (= the trainers' --data_dir)
+val_fraction = 0.1  # (0, 1): of the documents, or of the tokens of a single document
+seed = 1337  # >= 0: for the document shuffle / split
+max_tokens = 0  # >= 0: tinystories / fineweb-edu only: stop after about this many tokens (0 = all)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
 
@@ -58,44 +64,90 @@ HUB = {'tinystories': ('roneneldan/TinyStories', None),  # Hugging Face dataset,
 EOT = 50256  # GPT-2's <|endoftext|>; all ids are < 2**16, hence uint16
 
 
-def die(msg, code=1):
-    """One clear line on stderr, no traceback (the `finally`s on the way out still clean up)."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(code)
 
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, no traceback (see command())."""
 
-def parse_args(argv):
-    cfg, given = dict(DEFAULTS), set()
+def read_config_notes(path):
+    """{key: (check, what it does)} from the comments of the config block at the top of the file at path."""
+    with open(path, encoding='utf-8') as f:
+        block = f.read().split('\nDEFAULTS = ')[0]
+    notes = {}
+    for key, comment in re.findall(r"^(\w+) = .*?  # (.*)$", block, re.M):
+        check = re.match(r"(>=? \S+|[\[(]\S+, \S+[\])]|[\w-]*(?:\|[\w-]*)+): ", comment)
+        notes[key] = (check.group(1), comment[check.end():]) if check else (None, comment)
+    return notes
+
+def check_value(key, value, check):
+    """Raise a UsageError unless value passes check: '>= 1', '> 0', an interval '[0, 1)', or 'a|b|c'."""
+    if check is None:
+        return
+    if '|' in check:
+        ok = value in check.split('|')
+    elif check[0] == '>':
+        bound = float(check.split()[1])
+        ok = value >= bound if check.startswith('>=') else value > bound
+    else:
+        lo, hi = (float(v) for v in check[1:-1].split(', '))
+        ok = (lo <= value if check[0] == '[' else lo < value) and (value <= hi if check[-1] == ']' else value < hi)
+    if not ok:  # (a NaN fails every comparison, so it lands here too)
+        rule = (f"one of {check.replace('|', ', ')}" if '|' in check else
+                check if check[0] == '>' else f"in the interval {check}")
+        raise UsageError(f"--{key}={value}: must be {rule}")
+
+def parse_args(argv, defaults, presets, doc, notes):
+    """
+    --key=value for any key of the config block, bare --flag for booleans, --preset=NAME first. Every
+    value is checked against its type and the check in its comment (notes, from read_config_notes).
+    Returns the full config and the keys the user set (the preset's included).
+    """
+    if '-h' in argv or '--help' in argv:
+        print(doc.strip() + '\n\nconfig keys, --key=value (default):')
+        for k, v in defaults.items():
+            check, what = notes.get(k, (None, ''))
+            print(f"  --{k}={v}".ljust(34) + what + (f" [{check}]" if check else ''))
+        for name, p in presets.items():
+            print(f"--preset={name}: " + ', '.join(f'{k}={v}' for k, v in p.items()))
+        sys.exit(0)
+    given = {}
     for arg in argv:
-        if arg in ('-h', '--help'):
-            block = open(__file__, encoding='utf-8').read().split('# defaults')[1]  # the comments there
-            notes = dict(re.findall(r"^(\w+) = .*?# (.*)$", block.split('DEFAULTS =')[0], re.M))
-            print(__doc__ + '\nkeys, with their defaults:')
-            for k, v in DEFAULTS.items():
-                print(f"  --{k}={v}".ljust(28) + notes.get(k, ''))
-            sys.exit(0)
         key, eq, val = arg[2:].partition('=')
-        if not arg.startswith('--') or key not in cfg:
-            die(f"unknown argument {arg} (see --help)", 2)
+        if not arg.startswith('--') or key not in defaults:
+            raise UsageError(f"unknown config key or argument {arg!r} (see --help for the list)")
+        default = defaults[key]
         if not eq:
-            die(f"--{key} needs a value, e.g. --{key}={cfg[key]}", 2)
-        try:
-            if isinstance(cfg[key], int):  # accept 1e9 for counts, not 1.5
-                if not float(val).is_integer():
-                    raise ValueError
-                val = int(float(val))
-            cfg[key] = type(cfg[key])(val)
-        except ValueError:
-            die(f"--{key}={val}: expected {type(DEFAULTS[key]).__name__}", 2)
-        given.add(key)
-    if cfg['dataset'] not in ('shakespeare', 'imdb', *HUB):
-        die(f"--dataset={cfg['dataset']}: expected shakespeare, tinystories, fineweb-edu or imdb", 2)
+            if not isinstance(default, bool):
+                raise UsageError(f"--{key} needs a value, e.g. --{key}={default}")
+            given[key] = True
+        elif isinstance(default, bool):
+            if val.lower() not in ('true', 'false', '1', '0'):
+                raise UsageError(f"--{key}={val}: expected True or False")
+            given[key] = val.lower() in ('true', '1')
+        else:
+            try:
+                given[key] = type(default)(val) if not isinstance(default, int) else int(float(val))
+                if isinstance(default, int) and float(val) != given[key]:
+                    raise ValueError  # 1e9 is an int, 1.5 is not
+            except (ValueError, OverflowError):
+                raise UsageError(f"--{key}={val}: expected a {type(default).__name__}") from None
+    if given.get('preset'):
+        if given['preset'] not in presets:
+            raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
+        given = {**presets[given['preset']], **given}  # explicit keys win over the preset
+    for key, value in given.items():
+        check_value(key, value, notes.get(key, (None, ''))[0])
+    return {**defaults, **given}, given
+
+
+def config_of(argv):
+    """The checked config: parse_args, then what the keys mean together."""
+    cfg, given = parse_args(argv, DEFAULTS, {}, __doc__, read_config_notes(__file__))
     if 'input' in given and 'dataset' in given:
-        die("give either --input (local text) or --dataset (a download), not both", 2)
-    if not 0 < cfg['val_fraction'] < 1 or cfg['max_tokens'] < 0:
-        die("--val_fraction must lie strictly between 0 and 1, --max_tokens must be >= 0", 2)
+        raise UsageError("give either --input (local text) or --dataset (a download), not both")
     if cfg['max_tokens'] and (cfg['input'] or cfg['dataset'] not in HUB):
-        die("--max_tokens applies to --dataset=tinystories or fineweb-edu only", 2)
+        raise UsageError("--max_tokens applies to --dataset=tinystories or fineweb-edu only")
+    if cfg['name'] in ('.', '..') or os.sep in cfg['name'] or (os.altsep and os.altsep in cfg['name']):
+        raise UsageError(f"--name={cfg['name']}: a plain folder name, made inside --out_dir={cfg['out_dir']}")
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -108,10 +160,10 @@ def list_files(path):
     elif os.path.isdir(path):
         files = sorted(glob.glob(os.path.join(glob.escape(path), '*.txt')))
     else:
-        die(f"no such file or folder: {path}")
+        raise UsageError(f"no such file or folder: {path}")
     files = [f for f in files if os.path.getsize(f) > 0]
     if not files:
-        die(f"no text in {path} (an empty file, or a folder without non-empty .txt files)")
+        raise UsageError(f"no text in {path} (an empty file, or a folder without non-empty .txt files)")
     return files
 
 
@@ -121,7 +173,7 @@ def read_text(path):
     try:
         return data.decode('utf-8')
     except UnicodeDecodeError as e:
-        die(f"{path} is not UTF-8 text (bad byte at offset {e.start})")
+        raise UsageError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
 
 
 def hub_docs(path, config, val_fraction, seed):
@@ -129,14 +181,15 @@ def hub_docs(path, config, val_fraction, seed):
     try:
         from datasets import load_dataset  # only these big corpora need it
     except ImportError:
-        die(f"streaming {path} needs Hugging Face datasets: pip install datasets")
+        raise UsageError(f"streaming {path} needs Hugging Face datasets: pip install datasets") from None
     rng = random.Random(seed)
     try:
         for row in load_dataset(path, name=config, split='train', streaming=True):
             yield ('val' if rng.random() < val_fraction else 'train'), row['text']
     except Exception as e:  # offline or hub trouble: datasets raises many kinds, none worth a traceback
         first = (str(e).splitlines() or [''])[0]
-        die(f"could not stream {path} ({type(e).__name__}: {first}); no network? use --input=PATH for local text")
+        raise UsageError(f"could not stream {path} ({type(e).__name__}: {first}); no network? use "
+                         f"--input=PATH for local text") from None
 
 # -----------------------------------------------------------------------------
 # tokenizing and writing
@@ -156,16 +209,16 @@ def pieces(text, size=1 << 20):
     yield text[start:]
 
 
-def write_bins(docs, folder, tail=0.0, max_tokens=0):
-    """Tokenize (split, text) documents into folder/{train,val}.bin, each document followed by EOT.
+def write_bins(docs, folder, meta, tail=0.0, max_tokens=0):
+    """Tokenize (split, text) documents into folder/{train,val}.bin, each document followed by EOT, then
+    meta.json: meta plus the token and document counts of each file.
     tail > 0: docs is one document, given as train, whose last `tail` fraction of tokens moves to val.
-    Returns the number of tokens and of documents (= EOTs) in each split."""
+    Returns the number of tokens in each split."""
     try:
         enc = tiktoken.get_encoding('gpt2')
-    except Exception as e:  # tiktoken downloads its vocab once; offline it needs TIKTOKEN_CACHE_DIR
-        die(f"could not load the GPT-2 tokenizer ({type(e).__name__}); offline, point TIKTOKEN_CACHE_DIR "
-            "at a tiktoken cache")
-    os.makedirs(folder, exist_ok=True)
+    except Exception as e:  # tiktoken downloads its vocab once; offline it needs a copy of its cache
+        raise UsageError(f"could not load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
+                         f"TIKTOKEN_CACHE_DIR to a copy of tiktoken's cache (README, 'Offline')") from None
     tmp = {s: os.path.join(folder, f'{s}.bin.tmp') for s in ('train', 'val')}
     n_tok, n_doc = dict(train=0, val=0), dict(train=0, val=0)
     t0 = t_print = time.time()
@@ -198,28 +251,64 @@ def write_bins(docs, folder, tail=0.0, max_tokens=0):
             n = n_tok['train'] - 1
             k = int(n * tail)
             if k < 1:
-                die(f"corpus too small: {n} tokens leave no validation tokens at --val_fraction={tail}")
+                raise UsageError(f"corpus too small: {n} tokens leave no validation tokens at --val_fraction={tail}")
             np.fromfile(tmp['train'], dtype=np.uint16, offset=2 * (n - k)).tofile(tmp['val'])
             os.truncate(tmp['train'], 2 * (n - k))
             n_tok, n_doc = dict(train=n - k, val=k + 1), dict(train=0, val=1)
         if not n_tok['train'] or not n_tok['val']:
-            die(f"corpus too small: the split left {n_tok['train']} train and {n_tok['val']} val tokens "
-                "(raise --max_tokens or --val_fraction)")
-        if os.path.exists(os.path.join(folder, 'meta.json')):
-            os.remove(os.path.join(folder, 'meta.json'))  # stale until the new one is written
-        for s in tmp:
-            os.replace(tmp[s], os.path.join(folder, f'{s}.bin'))
+            raise UsageError(f"corpus too small: the split left {n_tok['train']} train and {n_tok['val']} val "
+                             f"tokens (raise --max_tokens or --val_fraction)")
+        meta = {**meta, 'train_tokens': n_tok['train'], 'val_tokens': n_tok['val'],  # documents = EOTs
+                'train_documents': n_doc['train'], 'val_documents': n_doc['val']}
+        # the switch: without meta.json the folder is incomplete (the trainers refuse it), and the new
+        # meta.json names the new files' sizes. Ctrl-C waits until it is done.
+        with signals_deferred():
+            if os.path.exists(os.path.join(folder, 'meta.json')):
+                os.remove(os.path.join(folder, 'meta.json'))
+            for s in tmp:
+                os.replace(tmp[s], os.path.join(folder, f'{s}.bin'))
+            with open(os.path.join(folder, 'meta.json.tmp'), 'w') as f:
+                json.dump(meta, f, indent=2)
+            os.replace(os.path.join(folder, 'meta.json.tmp'), os.path.join(folder, 'meta.json'))
     finally:
         for p in tmp.values():
             if os.path.exists(p):
                 os.remove(p)
-    return n_tok, n_doc
+    return n_tok
 
 
-def write_meta(folder, meta):
-    with open(os.path.join(folder, 'meta.json.tmp'), 'w') as f:
-        json.dump(meta, f, indent=2)
-    os.replace(os.path.join(folder, 'meta.json.tmp'), os.path.join(folder, 'meta.json'))
+@contextmanager
+def new_folder(folder):
+    """Make folder (and its parents) for the work inside the block; if the block fails, a folder it made
+    and left empty is removed again, so that a failed download leaves no empty data/<name>."""
+    made = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make the folder {folder} ({e.strerror}): check --out_dir and --name") from None
+    try:
+        yield folder
+    except BaseException:
+        if made and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+        raise
+
+
+@contextmanager
+def signals_deferred():
+    """Ctrl-C (SIGINT) or SIGTERM inside this block waits until the block is done, then acts as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    caught = []
+    old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            os.kill(os.getpid(), s)  # delivered now, to the handler that was there before
 
 # -----------------------------------------------------------------------------
 # downloads
@@ -240,7 +329,7 @@ def download(url, path, hint):
                     print(f"  {done:.1f} of {total or '?'} MB, {done / max(t_print - t0, 1e-9):.1f} MB/s", flush=True)
         os.replace(tmp, path)
     except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, refused, reset: all OSError
-        die(f"could not download {url} ({e}); no network? {hint}")
+        raise UsageError(f"could not download {url} ({e}); no network? {hint}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -252,7 +341,7 @@ def strip_gutenberg(text):
     start = re.search(r'^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$', text, re.M | re.I)
     end = re.search(r'^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG EBOOK', text, re.M | re.I)
     if not start or not end or end.start() < start.end():
-        die("the download has no Project Gutenberg START/END lines: not the expected book")
+        raise UsageError("the download has no Project Gutenberg START/END lines: not the expected book")
     return text[start.end():end.start()].strip() + '\n'
 
 
@@ -260,9 +349,9 @@ def get_shakespeare(folder):
     """Download the complete works once, keep the book without Gutenberg's header and licence."""
     path = os.path.join(folder, 'input.txt')
     if not os.path.exists(path):
-        os.makedirs(folder, exist_ok=True)
         raw = os.path.join(folder, 'pg100.txt')
-        download(GUTENBERG_URL, raw, "prepare local text with --input=PATH")
+        download(GUTENBERG_URL, raw, "with a copy of the text, run python prepare_data.py --input=PATH "
+                 "--name=shakespeare (offline, also set TIKTOKEN_CACHE_DIR to a copy of tiktoken's cache)")
         text = strip_gutenberg(read_text(raw))
         with open(path + '.tmp', 'w', encoding='utf-8', newline='') as f:
             f.write(text)
@@ -278,7 +367,7 @@ def safe_extract(archive, folder):
         for i, m in enumerate(tar, 1):
             target = os.path.realpath(os.path.join(root, m.name))
             if os.path.commonpath([root, target]) != root:
-                die(f"{archive} holds an unsafe path: {m.name}")
+                raise UsageError(f"{archive} holds an unsafe path: {m.name}")
             if m.isdir():
                 os.makedirs(target, exist_ok=True)
             elif m.isfile():
@@ -295,7 +384,6 @@ def get_imdb(folder):
     if os.path.isdir(dest):
         print(f"{dest} is already there")
         return
-    os.makedirs(folder, exist_ok=True)
     archive, tmp = os.path.join(folder, 'aclImdb_v1.tar.gz'), os.path.join(folder, 'unpack.tmp')
     if not os.path.exists(archive):
         download(IMDB_URL, archive, f"download {IMDB_URL} by hand and unpack it into {folder}/")
@@ -304,7 +392,7 @@ def get_imdb(folder):
     try:
         safe_extract(archive, tmp)
         if not os.path.isdir(os.path.join(tmp, 'aclImdb')):
-            die(f"{archive} has no aclImdb/ folder")
+            raise UsageError(f"{archive} has no aclImdb/ folder")
         os.replace(os.path.join(tmp, 'aclImdb'), dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -314,40 +402,55 @@ def get_imdb(folder):
 # -----------------------------------------------------------------------------
 
 def main(argv):
-    cfg = parse_args(argv)
+    cfg = config_of(argv)
     src, ds, frac, seed = cfg['input'], cfg['dataset'], cfg['val_fraction'], cfg['seed']
     stem = os.path.splitext(os.path.basename(os.path.abspath(src)))[0]
     folder = os.path.join(cfg['out_dir'], cfg['name'] or (stem if src else ds))
-    if not src and ds == 'imdb':
-        return get_imdb(folder)
-    meta = dict(source=src, tokenizer='gpt2', eot_token=EOT, dtype='uint16', val_fraction=frac, seed=seed)
-    if src or ds == 'shakespeare':
-        files = list_files(src or get_shakespeare(folder))
-        meta['source'] = src or GUTENBERG_URL
-        if len(files) == 1:  # one document: a contiguous split
+    if src:
+        files = list_files(src)  # bad input fails before anything is made
+    if os.path.exists(os.path.join(folder, 'meta.json')):
+        print(f"note: {folder} holds a dataset already; the new one replaces it once it is complete")
+    with new_folder(folder):
+        if not src and ds == 'imdb':
+            return get_imdb(folder)
+        meta = dict(source=src, tokenizer='gpt2', eot_token=EOT, dtype='uint16', val_fraction=frac, seed=seed)
+        if not src and ds == 'shakespeare':
+            src, meta['source'] = get_shakespeare(folder), GUTENBERG_URL
+            files = list_files(src)
+        if src and len(files) == 1:  # one document: a contiguous split
             meta['split'] = 'contiguous: the last val_fraction of the tokens'
-            n_tok, n_doc = write_bins([('train', read_text(files[0]))], folder, tail=frac)
-        else:  # several: a split by documents
+            n_tok = write_bins([('train', read_text(files[0]))], folder, meta, tail=frac)
+        elif src:  # several: a split by documents
             meta['split'] = 'documents, shuffled with the seed'
             order = list(range(len(files)))
             random.Random(seed).shuffle(order)
             val = set(order[:min(len(files) - 1, max(1, round(len(files) * frac)))])
             docs = ((('val' if i in val else 'train'), read_text(f)) for i, f in enumerate(files))
-            n_tok, n_doc = write_bins(docs, folder)
-    else:
-        path, config = HUB[ds]
-        meta.update(source=path + (f' ({config})' if config else ''), max_tokens=cfg['max_tokens'],
-                    split='documents, each to val with probability val_fraction (seeded)')
-        n_tok, n_doc = write_bins(hub_docs(path, config, frac, seed), folder, max_tokens=cfg['max_tokens'])
-    meta.update(train_tokens=n_tok['train'], val_tokens=n_tok['val'],  # documents = EOTs in each .bin
-                train_documents=n_doc['train'], val_documents=n_doc['val'])
-    write_meta(folder, meta)
+            n_tok = write_bins(docs, folder, meta)
+        else:
+            path, config = HUB[ds]
+            meta.update(source=path + (f' ({config})' if config else ''), max_tokens=cfg['max_tokens'],
+                        split='documents, each to val with probability val_fraction (seeded)')
+            n_tok = write_bins(hub_docs(path, config, frac, seed), folder, meta, max_tokens=cfg['max_tokens'])
     print(f"wrote {folder}/: train.bin {n_tok['train']:,} tokens, val.bin {n_tok['val']:,} tokens, meta.json")
 
 
-if __name__ == '__main__':
+def command(main, argv, interrupted="a checkpoint is only ever replaced whole: the last one saved is intact"):
+    """Run main as a command: a UsageError is one line on stderr and exit 2, Ctrl-C exit 130; under
+    torchrun only the first process speaks."""
+    speak = int(os.environ.get('RANK', 0)) == 0
     try:
-        main(sys.argv[1:])
+        main(argv)
+        return 0
+    except UsageError as e:
+        if speak:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("error: interrupted (temporary files removed)", file=sys.stderr)
-        sys.exit(130)
+        if speak:
+            print(f"error: interrupted; {interrupted}", file=sys.stderr)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(command(main, sys.argv[1:], interrupted="temporary files removed"))

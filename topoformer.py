@@ -149,7 +149,7 @@ def read_config_notes(path):
         block = f.read().split('\nDEFAULTS = ')[0]
     notes = {}
     for key, comment in re.findall(r"^(\w+) = .*?  # (.*)$", block, re.M):
-        check = re.match(r"(>=? \S+|[\[(]\S+, \S+[\])]|\w*(?:\|\w*)+): ", comment)
+        check = re.match(r"(>=? \S+|[\[(]\S+, \S+[\])]|[\w-]*(?:\|[\w-]*)+): ", comment)
         notes[key] = (check.group(1), comment[check.end():]) if check else (None, comment)
     return notes
 
@@ -166,7 +166,9 @@ def check_value(key, value, check):
         lo, hi = (float(v) for v in check[1:-1].split(', '))
         ok = (lo <= value if check[0] == '[' else lo < value) and (value <= hi if check[-1] == ']' else value < hi)
     if not ok:  # (a NaN fails every comparison, so it lands here too)
-        raise UsageError(f"--{key}={value}: must be {check.replace('|', ', ') if '|' in check else check}")
+        rule = (f"one of {check.replace('|', ', ')}" if '|' in check else
+                check if check[0] == '>' else f"in the interval {check}")
+        raise UsageError(f"--{key}={value}: must be {rule}")
 
 def parse_args(argv, defaults, presets, doc, notes):
     """
@@ -654,14 +656,7 @@ def setup(cfg):
     dev = pick_device(cfg['device'], local_rank)
     device_type = dev.split(':')[0]
     dtype = pick_dtype(cfg['dtype'], device_type)
-    accum, batch_size = cfg['gradient_accumulation_steps'], cfg['batch_size']
-    if accum % world == 0:  # fewer micro-batches per process
-        accum //= world
-    elif batch_size % world == 0:  # or smaller micro-batches: the same tokens per step either way
-        batch_size //= world
-    else:
-        raise UsageError(f"a step of {accum} x {batch_size} sequences cannot be shared evenly by {world} processes: "
-                         f"make gradient_accumulation_steps or batch_size a multiple of {world}")
+    accum, batch_size = share_step(cfg['gradient_accumulation_steps'], cfg['batch_size'], world)
     if ddp:
         from torch.distributed import init_process_group
         if device_type == 'cuda':
@@ -676,6 +671,16 @@ def setup(cfg):
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
     return SimpleNamespace(ddp=ddp, rank=rank, world=world, master=rank == 0, dev=dev, device_type=device_type,
                            dtype=dtype, ctx=ctx, scaler=scaler, accum=accum, batch_size=batch_size)
+
+def share_step(accum, batch_size, world):
+    """A step of accum micro-batches of batch_size sequences, shared by world processes: each runs fewer
+    micro-batches where they divide evenly, else smaller ones. The tokens per step stay the user's."""
+    if accum % world == 0:
+        return accum // world, batch_size
+    if batch_size % world == 0:
+        return accum, batch_size // world
+    raise UsageError(f"a step of {accum} x {batch_size} sequences cannot be shared evenly by {world} processes: "
+                     f"make gradient_accumulation_steps or batch_size a multiple of {world}")
 
 def keep_freed_memory():
     """
@@ -1027,7 +1032,7 @@ def main(argv):
         from torch.distributed import destroy_process_group
         destroy_process_group()
 
-def command(main, argv):
+def command(main, argv, interrupted="a checkpoint is only ever replaced whole: the last one saved is intact"):
     """Run main as a command: a UsageError is one line on stderr and exit 2, Ctrl-C exit 130; under
     torchrun only the first process speaks."""
     speak = int(os.environ.get('RANK', 0)) == 0
@@ -1040,8 +1045,7 @@ def command(main, argv):
         return 2
     except KeyboardInterrupt:
         if speak:
-            print("\ninterrupted; a checkpoint is only ever replaced whole: the last one saved is intact",
-                  file=sys.stderr)
+            print(f"error: interrupted; {interrupted}", file=sys.stderr)
         return 130
 
 if __name__ == '__main__':
