@@ -1,39 +1,59 @@
 """
 Selectivity maps of a trained topographic language model: where on each map do the units that prefer
-sentences, nouns or good news sit, and are they clustered or merely smooth?
+sentences, nouns or good news sit, and are they clustered or merely smooth? TopoLM's read-out (Rathi et
+al. 2025, the official eval/: responses.py, hrf.py, visualize.py, localize.py, moran.py), written here
+with numpy alone, and a null beside every number.
 
-Takes a checkpoint of either model (topo_gpt.py's TopoLM or topoformer.py's Topoformer, recognised from
-the file), runs stimulus suites through it, and for every spatial map the model exposes computes the
-t-map of each contrast (Welch's t per unit), which units are selective (Benjamini-Hochberg FDR), how
-smooth the t-map is (Moran's I, as TopoLM reports it) and how many patches the selective units form;
-and the same numbers for label-shuffled stimuli, the null that tells functional clusters from mere
-smoothness (a smooth model makes any t-map smooth), and for the selective units at scattered places,
-the null for patches (many selective units touch by chance).
+Takes a checkpoint of topo_gpt.py (TopoLM), of topoformer.py (Topoformer) or of the official TopoLM code
+(the published models), recognised from the file, runs stimulus suites through it, and for every
+spatial map the model exposes and every contrast of two conditions computes
+  - the t-map: Welch's t per unit between the two conditions' responses (a unit's response to a
+    stimulus = its activation averaged over the stimulus's tokens);
+  - how smooth the t-map is, Moran's I, both unsmoothed and smoothed: the smoothed read-out first blurs
+    every stimulus's response map with a Gaussian of FWHM 2 grid units, as the paper does to read the
+    model out like fMRI voxels;
+  - the units selective for the first condition (Benjamini-Hochberg q < fdr over all units of all
+    maps, and t > 0) and the patches that selective units form;
+and the same numbers with the labels redrawn (the null that tells functional clusters from mere
+smoothness: a smooth model makes any t-map smooth), and for the selective units at scattered places
+(the null for patches: many selective units touch by chance).
 
     python analyze.py out/ckpt.pt                                  # writes out/analysis/
     python analyze.py out/ckpt.pt --control=out_control/ckpt.pt    # topographic vs control, side by side
-    python analyze.py out/ckpt.pt --contrasts=language,noun_verb --fwhm=2
+    python analyze.py out/ckpt.pt --contrasts=language,noun_verb --fwhm=0
     python analyze.py out/ckpt.pt --stimuli=my_contrast.csv        # columns condition,text; 2 conditions
+    python analyze.py official.pt --positions=gpt2-positions-5-5   # a published TopoLM checkpoint
 
-Writes into out_dir: <contrast>.png (t-maps, layers x maps, the control's to the right, patches
-outlined), correlation_distance.png, and metrics.json:
-    {config, model: {checkpoint, model_type, topographic, grid, maps, correlation_profile: {map:
-     {distance, mean_r}}, contrasts: {name: {conditions, n_stimuli, mean_morans_i, mean_morans_i_null,
-     percent_selective, percent_selective_null, maps: {map: {morans_i, morans_i_null, percent_selective,
-     percent_positive, percent_negative, percent_selective_null, patches: {positive, negative}
-     (sizes), n_patches, n_patches_null, largest_patch, n_patches_scattered,
-     largest_patch_scattered}}}}}, control: the same or null, comparison (with a control):
-     {name: {mean_morans_i: [model, control], ratio, difference, percent_selective, map_ratio}}}
-Every *_null is {mean, sd} over the label shuffles; every *_scattered the same over shuffles of the
-selective units' places (the patches that chance adjacency makes).
+Contrasts (t = first condition - second), and how the null redraws their labels:
+    language            sentences - non-word strings, 12 words, in matched pairs (Fedorenko et al. 2010)  paired
+    noun_verb           "the X the Y" - "to X to Y", 4 categories each (Hauptman et al. 2024)       shuffled
+    noun_verb_words     nouns - verbs, single words (Moseley & Pulvermueller 2014, a 2 x 2 design)  shuffled
+    concrete_abstract   concrete - abstract single words                                            shuffled
+    noun_verb_concrete  concrete nouns - concrete verbs                                             shuffled
+    noun_verb_abstract  abstract nouns - abstract verbs                                             shuffled
+    sentiment           positive - negative sentences, in pairs that differ in one adjective      paired
+paired: each pair's two labels swap with probability 1/2; shuffled: the labels are permuted over all
+stimuli, group sizes kept. A --stimuli CSV is shuffled.
 
-Contrasts (t = first condition - second):
-    language            sentences - non-word strings (Fedorenko et al. 2010; TopoLM's language patches)
-    noun_verb           nouns - verbs (Moseley & Pulvermueller 2014, 2 x 2 design of single words)
-    concrete_abstract   concrete - abstract words
-    noun_verb_concrete  concrete nouns - concrete verbs
-    noun_verb_abstract  abstract nouns - abstract verbs
-    sentiment           positive - negative review sentences (the Topoformer's first task)
+Writes into out_dir: <contrast>.png (unsmoothed t-maps, layers x maps, the control's to the right,
+patches outlined), correlation_distance.png, and metrics.json:
+    config: every config key
+    model, control (null without --control): {checkpoint, model_type ('topolm' | 'topoformer'),
+      official, topographic, grid: [H, W], maps: [name], correlation_profile: {map: {distance, mean_r}},
+      contrasts: {name: {conditions: [first, second], n_stimuli: [n, n], null: 'paired' | 'shuffled',
+        n_shuffles, mean_morans_i, mean_morans_i_null, mean_morans_i_smoothed,
+        mean_morans_i_smoothed_null, percent_selective, percent_selective_second, percent_selective_null,
+        maps: {map: {morans_i, morans_i_null, morans_i_smoothed, morans_i_smoothed_null,
+          percent_selective, percent_selective_second, percent_selective_null,
+          patches: {positive: [sizes], negative: [sizes]}, n_patches, n_patches_null, largest_patch,
+          n_patches_scattered, largest_patch_scattered}}}}}
+    comparison (with --control): {name: {mean_morans_i: [model, control], difference,
+      mean_morans_i_smoothed: [model, control], difference_smoothed, percent_selective: [model, control]}}
+mean_* = the mean over the maps; difference = model - control. percent_selective = % of units with
+q < fdr and t > 0 (selective for the first condition), percent_selective_second the same with t < 0;
+both from the unsmoothed t-maps, as are the patches and the figures. *_smoothed: the smoothed read-out
+(null when fwhm = 0). *_null: {mean, sd} over the n_shuffles redraws of the labels; *_scattered: the
+same over shuffles of the selective units' places. A number that does not exist (NaN) is null.
 """
 
 import os
@@ -43,62 +63,59 @@ import json
 import math
 import time
 import random
+import textwrap
 import itertools
 from collections import OrderedDict, defaultdict, deque
 
 import numpy as np
 
-from topo_gpt import UsageError, parse_args as parse_keys  # the repo's one CLI convention
+import topo_gpt
+from topo_gpt import UsageError, command, parse_args, read_config_notes
 
 # -----------------------------------------------------------------------------
-# config: plain defaults, each overridable on the command line as --key=value
-# (the first positional argument is the checkpoint)
+# config: plain defaults, each overridable on the command line as --key=value (the first positional
+# argument is the checkpoint). A check before a comment's colon says which values are accepted.
 out_dir = ''  # where the PNGs and metrics.json go; '' = an 'analysis' folder beside the checkpoint
-control = ''  # checkpoint of a non-topographic control trained the same way: analysed and shown beside
+control = ''  # checkpoint of a non-topographic control of the same kind of model, shown beside it
+positions = ''  # folder of an official TopoLM checkpoint's layer.{i}.{attn,mlp}.pkl; '' = its position_dir
 contrasts = 'all'  # comma list of the contrasts above, or all
 stimuli = ''  # CSV with columns condition,text and exactly two conditions: replaces the built-in contrasts
-n_shuffles = 5  # label-shuffled repetitions of every contrast (the null); 0 = none
-fwhm = 0.0  # Gaussian smoothing of the response maps in grid units (an fMRI-like read-out); 0 = off
-fdr = 0.05  # a unit is selective if its Benjamini-Hochberg q-value is below this
-min_patch = 25  # a patch = at least this many 4-connected selective units of one sign (TopoLM counts 25)
-batch_size = 64  # stimuli per forward pass
-seed = 1337  # draws the stimuli and the shuffles
-device = 'cpu'
+n_shuffles = 5  # >= 0: redraws of the labels per contrast, the null; 0 = none
+fwhm = 2.0  # >= 0: FWHM in grid units of the smoothed read-out's Gaussian (the paper's 2); 0 = unsmoothed only
+fdr = 0.05  # (0, 1): a unit is selective if its Benjamini-Hochberg q-value is below this (and t > 0)
+min_patch = 25  # >= 1: a patch = at least this many 4-connected selective units of one sign (TopoLM counts 25)
+batch_size = 64  # >= 1: stimuli per forward pass
+seed = 1337  # >= 0: draws the stimuli and the nulls
+device = 'auto'  # auto = cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str))}
 
-CONTRASTS = OrderedDict([  # name: ((label, conditions) of the first group, the same of the second)
-    ('language', (('sentences', ['sentences']), ('nonwords', ['nonwords']))),
-    ('noun_verb', (('nouns', ['concrete_nouns', 'abstract_nouns']),
-                   ('verbs', ['concrete_verbs', 'abstract_verbs']))),
-    ('concrete_abstract', (('concrete', ['concrete_nouns', 'concrete_verbs']),
-                           ('abstract', ['abstract_nouns', 'abstract_verbs']))),
-    ('noun_verb_concrete', (('concrete nouns', ['concrete_nouns']), ('concrete verbs', ['concrete_verbs']))),
-    ('noun_verb_abstract', (('abstract nouns', ['abstract_nouns']), ('abstract verbs', ['abstract_verbs']))),
-    ('sentiment', (('positive', ['positive']), ('negative', ['negative']))),
-])
-
 # -----------------------------------------------------------------------------
 # Stimuli. Everything is written here and drawn from the seed, so a run is reproducible anywhere.
 
-# Language localizer (Fedorenko et al. 2010): simple sentences vs strings of pronounceable non-words,
-# matched word for word in number of words and letters per word. No one-letter words ("a", "I"), so
-# that every word has a non-word twin that does not look like a word.
-_SUBJECTS = """the old farmer|my sister|the young doctor|the new teacher|our neighbour|the tired driver|
-his mother|the little boy|the quiet student|the busy nurse|my best friend|the tall waiter|her uncle|
-the shy girl|the angry chef|our manager|the kind nurse|the local baker|his grandmother|the clever pupil"""
+# Language localizer (Fedorenko et al. 2010): sentences of 12 words, as in the original, against strings
+# of 12 pronounceable non-words, each sentence's twin matched word for word in letters. A sentence =
+# subject (3 words) + verb and object (4) + when, where or how (5). No one-letter words ("a", "I"), so that
+# every word has a non-word twin that does not look like a word.
+_SUBJECTS = """the old farmer|my older sister|the young doctor|our new teacher|the friendly neighbour|
+the tired driver|his elderly mother|the little boy|the quiet student|the busy nurse|my best friend|
+the tall waiter|her favourite uncle|the shy girl|the angry chef|our new manager|the local baker|
+his clever grandmother|the careful pilot|the famous singer|my youngest brother|the patient librarian|
+the cheerful postman|their eldest daughter"""
 _PREDICATES = """fixed the broken fence|painted the kitchen wall|read the long letter|cooked dinner for
-everyone|found the missing keys|washed the dirty dishes|opened the front door|sold the old car|wrote
-the short story|planted tomatoes in the garden|carried the heavy boxes|bought fresh bread|called the
-doctor|cleaned the small room|watched the funny film|visited some friends|lost the house keys|fed the
-hungry dog|packed the blue suitcase|answered every email|closed the shop early|missed the last train|
-baked the birthday cake|sang an old song|repaired the kitchen sink|walked the dog|made fresh coffee|
-caught the early bus|moved the piano|ordered more paper"""
-_ADVERBIALS = """after lunch|in the morning|before the storm|last week|on Sunday|near the station|with
-great care|without any help|during the holidays|at the weekend|after the meeting|before dinner|in the
-evening|two days ago|at the end of the day|on the way home|as usual|for the first time|by the river|
-late at night"""
+everyone|found the missing keys|washed the dirty dishes|opened the front door|sold the old car|wrote the
+short story|carried the heavy boxes|bought some fresh bread|called the family doctor|cleaned the spare
+room|watched the funny film|visited some old friends|lost the house keys|fed the hungry dog|packed the
+blue suitcase|answered every single email|closed the shop early|missed the last train|baked the birthday
+cake|sang an old song|repaired the kitchen sink|made some fresh coffee|caught the early bus|moved the old
+piano|mended the torn jacket|borrowed three library books|emptied the kitchen bins"""
+_ADVERBIALS = """in the morning before work|just before the storm arrived|on the way back home|after the
+long staff meeting|during the summer school holidays|with great care and patience|without any help from
+anyone|for the very first time|by the river last weekend|near the station this morning|two days before
+the wedding|as usual on Monday mornings|in the evening after dinner|before the guests had arrived|while
+the children were asleep|after school on Friday afternoon|despite the cold and rain|at the weekend with
+friends|in the middle of winter|three times in one week"""
 
 def _split(s):
     return [' '.join(x.split()) for x in s.split('|')]
@@ -126,8 +143,8 @@ def nonword(rng, n_letters):
         if w not in _REAL_WORDS:
             return w
 
-def language_stimuli(seed, n=200):
-    """n simple sentences and n non-word strings, pair i matched word for word in letters.
+def language_stimuli(seed, n=240):
+    """n sentences of 12 words and n non-word strings, pair i matched word for word in letters.
     Returns {'sentences': [...], 'nonwords': [...]}."""
     rng = random.Random(seed)
     combos = list(itertools.product(_split(_SUBJECTS), _split(_PREDICATES), _split(_ADVERBIALS)))
@@ -138,6 +155,55 @@ def language_stimuli(seed, n=200):
         sentences.append(words[0].capitalize() + ' ' + ' '.join(words[1:]) + '.')
         nonwords.append(fake[0].capitalize() + ' ' + ' '.join(fake[1:]) + '.')
     return {'sentences': sentences, 'nonwords': nonwords}
+
+# Nouns and verbs as TopoLM tests them (Hauptman et al. 2024, after Elli et al. 2019): two-word phrases,
+# a noun as "the X the Y", a verb as "to X to Y", X and Y of the same semantic category, 4 categories per
+# class. The phrases differ in their function words too ("the" vs "to"), as in the brain study. Words
+# chosen to be used mostly as one word class.
+NOUNS = {
+    'places': """village harbour meadow suburb canyon island valley cottage castle museum library airport
+        stadium prairie lagoon glacier volcano cathedral jungle bakery tavern fortress monastery orchard""",
+    'animals': """rabbit tiger elephant giraffe donkey zebra lion leopard camel kangaroo penguin ostrich
+        sparrow pigeon flamingo eagle turtle lizard dolphin octopus hamster panda gorilla cheetah""",
+    'objects': """sofa lamp kettle teapot wardrobe pillow cushion carpet blanket cupboard drawer candle
+        basket bucket saucepan spoon umbrella wallet mattress curtain cabinet ladder suitcase toaster""",
+    'foods': """pancake biscuit pizza sausage cheese yogurt muffin omelette pumpkin spinach lettuce mango
+        peach apricot avocado broccoli celery almond walnut pretzel bagel cucumber raisin cherry""",
+}
+VERBS = {
+    'mouth': """chew nibble munch slurp gargle gulp lick spit suck mumble mutter whisper yawn sneeze chomp
+        gnaw devour inhale exhale stammer recite sing giggle chatter""",
+    'hand': """grab squeeze pinch knead stir scrub wipe rub fold twist grasp clutch shove tickle scratch
+        pluck polish sew knit carve sprinkle crumple unscrew unwrap""",
+    'motion': """wander crawl climb swim dive jump hop leap stagger stumble hurry tiptoe wade trudge stroll
+        sprint jog glide slide limp skip roam creep scramble""",
+    'perception': """see hear listen notice observe stare gaze peek peer sniff squint glimpse overhear
+        perceive behold inspect examine eavesdrop recognise discern detect glance watch smell""",
+}
+NOUNS = {c: ws.split() for c, ws in NOUNS.items()}
+VERBS = {c: ws.split() for c, ws in VERBS.items()}
+
+def phrase_stimuli(seed, per_category=72):
+    """
+    Noun and verb phrases, per_category of each category (72, as Elli et al.): each word is X in
+    per_category / n_words phrases and Y in as many, Y != X. Returns {'noun_places': ["the village the
+    meadow", ...], ..., 'verb_mouth': ["to chew to gulp", ...], ...}.
+    """
+    rng = random.Random(seed + 2)
+    out = {}
+    for kind, article, categories in (('noun', 'the', NOUNS), ('verb', 'to', VERBS)):
+        for category, words in categories.items():
+            n = len(words)
+            order = rng.sample(words, n)
+            # round r pairs the i-th word with the (i + shift_r)-th: a shift of 1..n-1 never pairs a word
+            # with itself, and distinct shifts never repeat a phrase
+            shifts = rng.sample(range(1, n), per_category // n)
+            out[f'{kind}_{category}'] = [f"{article} {order[i]} {article} {order[(i + s) % n]}"
+                                         for s in shifts for i in range(n)]
+    return out
+
+PHRASE_NOUNS = [f'noun_{c}' for c in NOUNS]
+PHRASE_VERBS = [f'verb_{c}' for c in VERBS]
 
 # Word class x meaning (after Moseley & Pulvermueller 2014): 48 single words in each cell of
 # concrete/abstract x noun/verb, chosen to be used mostly as one word class, the cells roughly matched
@@ -187,141 +253,201 @@ def sentiment_stimuli(seed, n=200):
         negative.append(frame.format(topic, bad))
     return {'positive': positive, 'negative': negative}
 
-# words a non-word must not be: every word used here, and short English words the generator can make
+# Words a non-word must not be: every word used here; the two-letter English words the generator can
+# make; and every form of 3 to 7 letters that it can make and GPT-2's tokenizer holds as one whole-word
+# token, lowercase or capitalised (words, names, abbreviations: found by running through all such forms).
 _REAL_WORDS = set(' '.join(_SUBJECTS.split('|') + _PREDICATES.split('|') + _ADVERBIALS.split('|')).split())
 _REAL_WORDS |= {w for ws in WORDS.values() for w in ws}
-_REAL_WORDS |= set("""ab ad id of up ok ox ex ax ago ado ego emu uno obi ova aka ufo data diva
-lava menu memo nova pita polo sofa soda solo tuna visa kilo tofu demo gala mama papa tutu bozo dodo limo
-logo taco toga vino veto zero mono sumo tuba puma koala bravo plaza drama pasta salami tomato banana
-potato kimono bikini safari""".split())
+_REAL_WORDS |= {w for cats in (NOUNS, VERBS) for ws in cats.values() for w in ws}
+_REAL_WORDS |= set("""ab ad ag av ed id if of ok op up uk
+ado ago aka ali ana api idi iso ori abu ada agu aki ala ara ari iro isa obi oro uni uri
+bona data goto guru lava logo mana mini mono mosa nano para radi saga situ soda sofa solo sudo tofu tuna
+vari visa vivo boko dana dani dino dota fifa gaga gaza gina goku kali kara kira kodi kuro lama lana lara
+liga lima lisa loki lori luna mali mama mara mari mata miko milo modi mori moto nadu nasa nato nazi nina
+nora nova palo papa paso polo rita robo roku roma romo rosa sana sara sina siri sora tara tata tina toro
+vita zika zoro amino aroma initi drama flora plaza produ promo proto akira anita asuka atari obama osaka
+osama bravo bruno plato pluto spani banana bikini potato saliva tomato vagina dakota konami kosovo latino
+maduro makoto manila marina marino naruto nikola panama paragu safari sakura somali subaru suzuki tanaka
+stamina stimuli adinida alabama alibaba arizona florida tripoli""".split())
 
 def builtin_stimuli(seed):
     """Every condition of the built-in contrasts: {condition: [texts]}."""
-    return {**language_stimuli(seed), **WORDS, **sentiment_stimuli(seed)}
+    return {**language_stimuli(seed), **phrase_stimuli(seed), **WORDS, **sentiment_stimuli(seed)}
+
+# name: (first group, second group, null); a group = (label, its conditions). 'paired': the two groups
+# are matched pairs, stimulus i of the first with stimulus i of the second.
+CONTRASTS = OrderedDict([
+    ('language', (('sentences', ['sentences']), ('non-words', ['nonwords']), 'paired')),
+    ('noun_verb', (('noun phrases', PHRASE_NOUNS), ('verb phrases', PHRASE_VERBS), 'shuffled')),
+    ('noun_verb_words', (('nouns', ['concrete_nouns', 'abstract_nouns']),
+                         ('verbs', ['concrete_verbs', 'abstract_verbs']), 'shuffled')),
+    ('concrete_abstract', (('concrete', ['concrete_nouns', 'concrete_verbs']),
+                           ('abstract', ['abstract_nouns', 'abstract_verbs']), 'shuffled')),
+    ('noun_verb_concrete', (('concrete nouns', ['concrete_nouns']), ('concrete verbs', ['concrete_verbs']),
+                            'shuffled')),
+    ('noun_verb_abstract', (('abstract nouns', ['abstract_nouns']), ('abstract verbs', ['abstract_verbs']),
+                            'shuffled')),
+    ('sentiment', (('positive', ['positive']), ('negative', ['negative']), 'paired')),
+])
+
+NULLS = {'paired': 'labels swapped within matched pairs', 'shuffled': 'labels shuffled over all stimuli'}
 
 def read_stimuli_csv(path):
     """A user's own contrast: a CSV with columns condition,text and exactly two conditions.
     Returns (contrast name = the file's stem, {condition: [texts]}) in the file's order."""
     if not os.path.isfile(path):
         raise UsageError(f"--stimuli: no file {path}")
-    with open(path, newline='', encoding='utf-8-sig') as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {'condition', 'text'} <= set(reader.fieldnames):
-            raise UsageError(f"{path}: needs the columns condition,text; it has {reader.fieldnames}")
-        groups = OrderedDict()
-        for row in reader:
-            cond, text = (row['condition'] or '').strip(), (row['text'] or '').strip()
-            if cond:
-                groups.setdefault(cond, [])
-                if text:  # an empty text is skipped; a condition left with none is an error below
-                    groups[cond].append(text)
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {'condition', 'text'} <= set(reader.fieldnames):
+                raise UsageError(f"{path}: needs the columns condition,text; it has {reader.fieldnames}")
+            groups = OrderedDict()
+            for row in reader:
+                cond, text = (row['condition'] or '').strip(), (row['text'] or '').strip()
+                if cond:
+                    groups.setdefault(cond, [])
+                    if text:  # an empty text is skipped; a condition left with none is an error below
+                        groups[cond].append(text)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} cannot be read; a Latin-1 "
+                         f"or Windows file?): save it as UTF-8") from None
+    except csv.Error as e:
+        raise UsageError(f"{path} is not a readable CSV ({e})") from None
     if len(groups) != 2:
         raise UsageError(f"{path}: needs exactly two conditions, found {len(groups)}: {list(groups)}")
     for cond, texts in groups.items():
         if len(texts) < 2:
             raise UsageError(f"{path}: condition {cond!r} has {len(texts)} non-empty texts; "
                              f"a t-test needs 2 or more")
+    a, b = groups.values()
+    if sorted(a) == sorted(b):
+        raise UsageError(f"{path}: the two conditions hold the same texts, so every t would be 0")
     return os.path.splitext(os.path.basename(path))[0], groups
 
 # -----------------------------------------------------------------------------
 # Models and their responses
 
-def load_model(path, device='cpu'):
-    """Either model from its checkpoint, recognised by the checkpoint's 'model_type'. Only the module
-    that the checkpoint needs is imported. Returns (model in eval mode, info dict)."""
-    import torch
+def load_model(path, positions_dir, device):
+    """
+    Any of the three kinds of checkpoint, read once and recognised here: topo_gpt.py's and topoformer.py's
+    (by their model_type) and the official TopoLM code's (no model_type; its model_args spell n_embed).
+    An official checkpoint's unit places come from positions_dir ('' = model_args' position_dir beside
+    it). Returns (model in eval mode, info dict).
+    """
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint file {path}")
-    ckpt = unreadable = object()
-    for mmap in (True, False):  # mmap: peek at the keys without reading every tensor (zip format only)
-        try:
-            ckpt = torch.load(path, map_location='cpu', weights_only=False, mmap=mmap)
-            break
-        except Exception:
-            pass
-    if ckpt is unreadable:
-        raise UsageError(f"{path} is not a torch checkpoint")
-    if not isinstance(ckpt, dict) or 'model_type' not in ckpt:
-        raise UsageError(f"{path} is a foreign checkpoint (no 'model_type'): expected one written by "
-                         f"topo_gpt.py or topoformer.py")
-    kind, args = ckpt['model_type'], ckpt.get('model_args', {})
-    if kind not in ('topolm', 'topoformer'):
-        raise UsageError(f"{path}: unknown model_type {kind!r} (expected 'topolm' or 'topoformer')")
     try:
-        if kind == 'topolm':
-            from topo_gpt import GPT
-            model = GPT.from_checkpoint(path, device=device)
-            topographic = args.get('alpha', 0) > 0  # alpha = 0: the control
+        ckpt = topo_gpt.read_pickled(path, torch_file=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a torch checkpoint ({str(e).splitlines()[0][:150]})") from None
+    kind = ckpt.get('model_type') if isinstance(ckpt, dict) else None
+    args = ckpt.get('model_args') if isinstance(ckpt, dict) else None
+    official = kind is None and isinstance(args, dict) and 'n_embed' in args
+    if kind is None and not official:
+        raise UsageError(f"{path} is a foreign checkpoint: not one of topo_gpt.py, topoformer.py or the "
+                         f"official TopoLM code")
+    if kind not in (None, 'topolm', 'topoformer'):
+        raise UsageError(f"{path}: unknown model_type {kind!r} (expected 'topolm' or 'topoformer')")
+    missing = [k for k in ('model_args', 'model') if k not in ckpt]
+    if missing or not isinstance(args, dict):
+        raise UsageError(f"{path} is incomplete: it has no {' or '.join(missing) or 'model_args dict'}")
+    if official and not positions_dir:
+        if 'position_dir' not in args:
+            raise UsageError(f"{path} names no position_dir: give the folder of its position pickles with --positions=DIR")
+        positions_dir = os.path.join(os.path.dirname(os.path.abspath(path)), args['position_dir'])
+    try:
+        if official:
+            model = topo_gpt.GPT.from_official(ckpt, positions_dir, device)
+        elif kind == 'topolm':
+            model = topo_gpt.GPT.from_checkpoint(ckpt, device)
         else:
-            from topoformer import Topoformer
-            model = Topoformer.from_checkpoint(path, device=device)
-            topographic = args.get('sq', 1) < 1 or args.get('sr', 1) < 1  # sq = sr = 1: the control
-    except (ImportError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UsageError(f"{path}: could not rebuild the {kind} model: {str(e).splitlines()[0]}") from None
-    return model.eval(), dict(checkpoint=path, model_type=kind, topographic=topographic)
+            import topoformer
+            model = topoformer.Topoformer.from_checkpoint(ckpt, device)
+    except ValueError as e:  # (from_official: no or bad position pickles, or a variant this repo lacks)
+        hint = "; --positions=DIR names the folder of its position pickles" if official and 'position' in str(e) else ''
+        raise UsageError(f"{path}: {str(e).splitlines()[0]}{hint}") from None
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UsageError(f"{path}: could not rebuild the model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:150]})") from None
+    if kind == 'topoformer':
+        topographic = model.config.sq < 1 or model.config.sr < 1  # sq = sr = 1: the control
+    else:
+        topographic = model.config.alpha > 0  # alpha = 0: the control
+    info = dict(checkpoint=path, model_type=kind or 'topolm', official=official, topographic=topographic)
+    return model, info
 
-def unit_responses(model, texts, batch_size=64, device='cpu', log=print):
+def describe(info):
+    name = {'topolm': 'TopoLM', 'topoformer': 'Topoformer'}[info['model_type']]
+    return f"{name}{', official' if info['official'] else ''} ({'' if info['topographic'] else 'non-'}topographic)"
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 encoding. tiktoken downloads it once into its cache; offline it needs a copy."""
+    try:
+        import tiktoken
+        return tiktoken.get_encoding('gpt2')
+    except ImportError:
+        raise UsageError("the tokenizer needs tiktoken: pip install tiktoken") from None
+    except Exception as e:
+        raise UsageError(f"could not load the GPT-2 tokenizer ({type(e).__name__}); without internet, set "
+                         f"TIKTOKEN_CACHE_DIR to a copy of tiktoken's cache (e.g. ../shared/tiktoken_cache)") from None
+
+def unit_responses(model, texts, enc, batch_size=64, device='cpu'):
     """
-    Response of every unit of every map to every text: its activation averaged over the text's tokens.
-    Texts are grouped by token length and each group runs as whole batches, so there is no padding
-    (which a bidirectional model would otherwise attend to). Returns {map name: (N, D) float64}.
+    Response of every unit of every map to every text: its activation averaged over the text's own tokens.
+    Texts are grouped by token length and each group runs as whole batches, so there is no padding. (The
+    official code pads a batch and averages over the padding too; a bidirectional model would also attend
+    to it.) Returns {map name: (N, C) float32}.
     """
     import torch
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
     ids = [enc.encode_ordinary(t) for t in texts]
-    block_size = getattr(getattr(model, 'config', None), 'block_size', None)
     by_length = defaultdict(list)
     for i, x in enumerate(ids):
         if not x:
             raise UsageError(f"stimulus {texts[i]!r} has no tokens")
-        if block_size and len(x) > block_size:
+        if len(x) > model.config.block_size:
             raise UsageError(f"stimulus {texts[i][:40]!r}... has {len(x)} tokens, more than the "
-                             f"model's block_size {block_size}")
+                             f"model's block_size {model.config.block_size}")
         by_length[len(x)].append(i)
     out, t0, done, shown = None, time.time(), 0, time.time()
-    model.eval()
     # the logits are not needed here, and the output head (T x vocab per text) costs as much as all
     # the blocks of a small model: let it see only the last position
-    head = getattr(model, 'lm_head', None)
-    hook = head.register_forward_pre_hook(lambda mod, inp: (inp[0][:, -1:],)) if head is not None else None
+    hook = model.lm_head.register_forward_pre_hook(lambda mod, inp: (inp[0][:, -1:],))
     try:
         with torch.no_grad():
             for T, rows in sorted(by_length.items()):
                 for s in range(0, len(rows), batch_size):
                     chunk = rows[s:s + batch_size]
                     idx = torch.tensor([ids[i] for i in chunk], dtype=torch.long, device=device)  # (B, T)
-                    _, _, maps = model(idx, return_maps=True)  # {name: (B, T, D)}
+                    _, _, maps = model(idx, return_maps=True)  # {name: (B, T, C)}
                     if out is None:
-                        out = OrderedDict((k, np.zeros((len(texts), m.size(-1)))) for k, m in maps.items())
+                        out = OrderedDict((k, np.zeros((len(texts), m.size(-1)), np.float32)) for k, m in maps.items())
                     for k, m in maps.items():
                         out[k][chunk] = m.float().mean(dim=1).cpu().numpy()
                     done += len(chunk)
                     if time.time() - shown > 10:  # a big model takes a while: say how far it got
-                        log(f"  {done}/{len(texts)} stimuli...")
+                        print(f"  {done}/{len(texts)} stimuli...", flush=True)
                         shown = time.time()
     finally:
-        if hook is not None:
-            hook.remove()
-    log(f"  responses of {len(out)} maps to {len(texts)} stimuli in {time.time() - t0:.1f}s")
+        hook.remove()
+    print(f"  responses of {len(out)} maps to {len(texts)} stimuli in {time.time() - t0:.1f}s", flush=True)
     return out
 
 def to_lattice(positions):
-    """
-    Grid (row, col) indices of units from their coordinates (D, 2): integers (TopoLM) or fractions in
-    [0, 1) (Topoformer) alike, since the k-th smallest distinct coordinate on an axis is lattice index k.
-    """
-    pos = np.round(np.asarray(positions, dtype=np.float64), 6)
-    lattice = np.stack([np.unique(pos[:, k], return_inverse=True)[1].ravel() for k in (0, 1)], axis=1)
+    """Integer grid coordinates (D, 2) (row, col) of the units, checked: every model places its units on
+    the integer lattice, one unit per cell of an H x W grid. Returns (lattice, (H, W))."""
+    pos = np.asarray(positions, dtype=np.float64)
+    lattice = np.rint(pos).astype(np.int64)
+    if pos.ndim != 2 or pos.shape[1] != 2 or not np.array_equal(lattice, pos) or lattice.min() < 0:
+        raise ValueError("unit positions must be (D, 2) integer lattice coordinates (row, col) >= 0")
     H, W = lattice.max(0) + 1
     if H * W != len(pos) or len(np.unique(lattice[:, 0] * W + lattice[:, 1])) != len(pos):
         raise ValueError(f"the {len(pos)} unit positions do not tile a regular grid")
-    return lattice
+    return lattice, (int(H), int(W))
 
 def to_grid(values, positions):
     """Place values (..., D) of D units at their grid positions (D, 2): returns (..., H, W)."""
-    lattice = to_lattice(positions)
-    H, W = lattice.max(0) + 1
+    lattice, (H, W) = to_lattice(positions)
     values = np.asarray(values)
     grid = np.zeros(values.shape[:-1] + (H, W), dtype=values.dtype)
     grid[..., lattice[:, 0], lattice[:, 1]] = values
@@ -329,20 +455,22 @@ def to_grid(values, positions):
 
 def smooth(grids, fwhm):
     """
-    Gaussian smoothing of maps (..., H, W), FWHM in grid units: sigma = FWHM / sqrt(8 ln 2).
-    Weights are renormalised at the borders, so a constant map stays constant. Separable:
-    out = K_rows @ map @ K_cols^T with row-normalised Gaussian matrices K[i, j] ~ exp(-(i-j)^2 / 2 sigma^2).
+    Gaussian smoothing of maps (..., H, W), FWHM in grid units: sigma = FWHM / sqrt(8 ln 2). Separable:
+    out = K_rows @ map @ K_cols^T with row-normalised Gaussian matrices K[i, j] ~ exp(-(i-j)^2 / 2 sigma^2),
+    so a constant map stays constant, borders included. The official read-out (eval/hrf.py) uses the
+    unnormalised kernel; the two differ by a positive factor per grid cell, which Welch's t ignores: the
+    smoothed t-maps are the same.
     """
     sigma = fwhm / math.sqrt(8 * math.log(2))
     def kernel(n):
         d = np.arange(n)[:, None] - np.arange(n)[None, :]
         k = np.exp(-d**2 / (2 * sigma**2))
-        return k / k.sum(1, keepdims=True)
+        return (k / k.sum(1, keepdims=True)).astype(grids.dtype)
     H, W = grids.shape[-2:]
     return kernel(H) @ grids @ kernel(W).T
 
 # -----------------------------------------------------------------------------
-# Statistics, written here (no scipy), each checked against hand values in test_topo.py
+# Statistics, written here (no scipy), each checked against hand values in the tests
 
 def welch_t(a, b):
     """
@@ -426,7 +554,8 @@ _QUEEN = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 
 def morans_i(grid):
     """
     Moran's I of a map (H, W) with queen contiguity (the 8 surrounding cells are neighbours),
-    the weights row-standardised (each cell's neighbours share weight 1), as TopoLM computes it:
+    the weights row-standardised (each cell's neighbours share weight 1), as TopoLM computes it
+    (esda's Moran with libpysal's lat2W(rook=False)):
         z = x - mean(x),   I = (N / S0) sum_ij w_ij z_i z_j / sum_i z_i^2,   S0 = sum_ij w_ij = N
     so I = sum_i z_i * (mean of z over i's neighbours) / sum_i z_i^2.
     About +1 for a smooth map, -1/(N-1) on average for shuffled noise; NaN for a constant map.
@@ -489,7 +618,7 @@ def correlation_profile(responses):
     responses: (N stimuli, H, W). Returns distances (B,), mean r (B,). Silent units are left out.
     """
     N, H, W = responses.shape
-    x = responses.reshape(N, H * W)
+    x = responses.reshape(N, H * W).astype(np.float64)
     x = x - x.mean(0)
     norm = np.sqrt((x * x).sum(0))
     with np.errstate(divide='ignore', invalid='ignore'):
@@ -507,92 +636,136 @@ def correlation_profile(responses):
     return np.arange(1, len(sums)), mean_r[1:]
 
 # -----------------------------------------------------------------------------
-# One model: responses -> t-maps -> every figure
+# One contrast: t-maps, selectivity, Moran's I, patches; the nulls
 
-def contrast_stats(grids, ia, ib, q_level, min_size):
-    """Welch t of group ia - group ib for every unit of every map (grids: {map: (N, H, W)}), FDR over
-    all units of all maps together. Returns {map: dict(t, significant, morans_i, percent, patches, ...)}."""
-    ts, ps = {}, {}
+def contrast_stats(grids, ia, ib, fdr, min_size, smoothed=None):
+    """
+    Welch t of group ia - group ib for every unit of every map (grids: {map: (N, H, W)}), BH-FDR over
+    all units of all maps together (as the official code, over all layers). smoothed: the same grids
+    smoothed, for the smoothed read-out's Moran's I. Returns {map: dict(t, selective, morans_i,
+    morans_i_smoothed, percent_selective, percent_selective_second, patches, patch_map)}.
+    """
+    ts, ps = OrderedDict(), []
     for name, g in grids.items():
         t, df = welch_t(g[ia], g[ib])
-        ts[name], ps[name] = t, t_pvalue(t, df)
-    q = bh_fdr(np.stack(list(ps.values())))
+        ts[name] = t
+        ps.append(t_pvalue(t, df))
+    q = bh_fdr(np.stack(ps))
     out = OrderedDict()
     for (name, t), qk in zip(ts.items(), q):
-        sig = qk < q_level
-        sizes, where = patches(t, sig, min_size)
-        out[name] = dict(t=t, significant=sig, morans_i=morans_i(t), patches=sizes, patch_map=where,
-                         percent=100 * sig.mean(), percent_positive=100 * (sig & (t > 0)).mean(),
-                         percent_negative=100 * (sig & (t < 0)).mean())
+        significant = qk < fdr
+        sizes, where = patches(t, significant, min_size)
+        out[name] = dict(t=t, significant=significant, morans_i=morans_i(t),
+                         morans_i_smoothed=None if smoothed is None else
+                         morans_i(welch_t(smoothed[name][ia], smoothed[name][ib])[0]),
+                         percent_selective=100 * (significant & (t > 0)).mean(),
+                         percent_selective_second=100 * (significant & (t < 0)).mean(),
+                         patches=sizes, patch_map=where)
     return out
 
-def _mean_sd(values):
-    v = np.asarray(values, np.float64)
-    # the sd is the spread of the shuffles themselves (population sd), 0 for a single shuffle
-    return dict(mean=float(np.mean(v)), sd=float(np.std(v))) if len(v) else dict(mean=None, sd=None)
+def redraw_labels(ia, ib, null, rng):
+    """
+    One draw of the null's labels for groups ia, ib (row indices).
+    shuffled: all stimuli pooled and dealt out again, group sizes kept.
+    paired: ia[i] and ib[i] are a matched pair (a sentence and its non-word twin); each pair's two labels
+    swap with probability 1/2, so every pair stays split across the groups and the null keeps what the
+    pairs share (length, frame, topic), as a null of matched pairs must.
+    """
+    if null == 'paired':
+        swap = rng.random(len(ia)) < 0.5
+        return np.where(swap, ib, ia), np.where(swap, ia, ib)
+    perm = rng.permutation(np.concatenate([ia, ib]))
+    return perm[:len(ia)], perm[len(ia):]
 
-def analyze_model(model, info, suites, cfg, log=print):
+def _mean_sd(values):
+    v = np.asarray([np.nan if x is None else x for x in values], np.float64)
+    if not len(v) or np.isnan(v).all():
+        return dict(mean=None, sd=None)
+    # the sd is the spread of the draws themselves (population sd), 0 for a single draw
+    return dict(mean=float(np.nanmean(v)), sd=float(np.nanstd(v)))
+
+def _nanmean(values):
+    v = np.asarray([np.nan if x is None else x for x in values], np.float64)
+    return float(np.nanmean(v)) if not np.isnan(v).all() else None
+
+def _n_patches(sizes):
+    return len(sizes['positive']) + len(sizes['negative'])
+
+def _largest(sizes):
+    return max(sizes['positive'] + sizes['negative'] + [0])
+
+def summarize(real, nulls, scattered):
     """
-    Everything for one model. suites: [(contrast name, {condition: texts}, (label, conditions) of the
-    first group, the same of the second)].
-    Returns (metrics dict, {contrast: {map: (t grid, patch map)}}, {map: (distances, mean r)}).
+    The numbers of one contrast: each map's own beside its null summaries, then their means over the maps.
+    real: contrast_stats of the true labels; nulls: [contrast_stats] of the redrawn labels; scattered:
+    {map: [patch sizes]} of the selective units at shuffled places.
     """
-    conditions = OrderedDict()
-    for _, groups, _, _ in suites:
-        conditions.update(groups)
-    texts = [t for ts in conditions.values() for t in ts]
-    rows, start = {}, 0
-    for cond, ts in conditions.items():
-        rows[cond] = np.arange(start, start + len(ts))
-        start += len(ts)
-    responses = unit_responses(model, texts, cfg['batch_size'], cfg['device'], log)
-    grids = OrderedDict((name, to_grid(r, model.positions(name).cpu().numpy()))
-                        for name, r in responses.items())  # {map: (N, H, W)}
-    if cfg['fwhm'] > 0:
-        grids = OrderedDict((name, smooth(g, cfg['fwhm'])) for name, g in grids.items())
+    maps = OrderedDict()
+    for m, s in real.items():
+        maps[m] = dict(
+            morans_i=s['morans_i'], morans_i_null=_mean_sd([n[m]['morans_i'] for n in nulls]),
+            morans_i_smoothed=s['morans_i_smoothed'],
+            morans_i_smoothed_null=_mean_sd([n[m]['morans_i_smoothed'] for n in nulls]),
+            percent_selective=s['percent_selective'], percent_selective_second=s['percent_selective_second'],
+            percent_selective_null=_mean_sd([n[m]['percent_selective'] for n in nulls]),
+            patches=s['patches'], n_patches=_n_patches(s['patches']),
+            n_patches_null=_mean_sd([_n_patches(n[m]['patches']) for n in nulls]),
+            largest_patch=_largest(s['patches']),
+            n_patches_scattered=_mean_sd([_n_patches(x) for x in scattered[m]]),
+            largest_patch_scattered=_mean_sd([_largest(x) for x in scattered[m]]))
+    over_maps = lambda key, stats: _nanmean([v[key] for v in stats.values()])
+    return dict(
+        mean_morans_i=over_maps('morans_i', real),
+        mean_morans_i_null=_mean_sd([over_maps('morans_i', n) for n in nulls]),
+        mean_morans_i_smoothed=over_maps('morans_i_smoothed', real),
+        mean_morans_i_smoothed_null=_mean_sd([over_maps('morans_i_smoothed', n) for n in nulls]),
+        percent_selective=over_maps('percent_selective', real),  # the maps are of equal size: = % of all units
+        percent_selective_second=over_maps('percent_selective_second', real),
+        percent_selective_null=_mean_sd([over_maps('percent_selective', n) for n in nulls]),
+        maps=maps)
+
+def scattered_patches(stats, n, min_size, rng):
+    """The patches that chance alone makes at each map's share of selective units: the same t-map with its
+    units' places shuffled, n times. (When most units are selective, random neighbours join into big
+    clusters too: percolation, as in a non-topographic control.) Returns {map: [patch sizes]}."""
+    out = {}
+    for m, s in stats.items():
+        t, sig = s['t'].ravel(), s['significant'].ravel()
+        out[m] = [patches(t[p].reshape(s['t'].shape), sig[p].reshape(s['t'].shape), min_size)[0]
+                  for p in (rng.permutation(t.size) for _ in range(n))]
+    return out
+
+# -----------------------------------------------------------------------------
+# One model: responses -> grids -> every contrast
+
+def analyze_model(model, info, suites, rows, texts, enc, cfg, device):
+    """
+    Every contrast of one model. suites: [(name, (label, conditions), (label, conditions), null)];
+    rows: {condition: row indices into texts}. Returns (metrics dict, {contrast: {map: (t, patch map)}},
+    {map: (distances, mean r)}).
+    """
+    responses = unit_responses(model, texts, enc, cfg['batch_size'], device)
+    grids = OrderedDict((m, to_grid(r, model.positions(m).cpu().numpy())) for m, r in responses.items())
+    del responses
+    # the smoothed read-out: each stimulus's map smoothed once; every draw of the null reuses them
+    smoothed = OrderedDict((m, smooth(g, cfg['fwhm'])) for m, g in grids.items()) if cfg['fwhm'] > 0 else None
     H, W = next(iter(grids.values())).shape[1:]
-    metrics = dict(**info, grid=[int(H), int(W)], maps=list(grids), contrasts=OrderedDict())
+    metrics = dict(**info, grid=[H, W], maps=list(grids), contrasts=OrderedDict())
     tmaps = OrderedDict()
-    rng = np.random.default_rng(cfg['seed'])
-    for name, groups, (label_a, cond_a), (label_b, cond_b) in suites:
+    for name, (label_a, cond_a), (label_b, cond_b), null in suites:
+        t0 = time.time()
         ia = np.concatenate([rows[c] for c in cond_a])
         ib = np.concatenate([rows[c] for c in cond_b])
-        real = contrast_stats(grids, ia, ib, cfg['fdr'], cfg['min_patch'])
-        # the null: the same stimuli with their labels shuffled (group sizes kept)
-        pooled = np.concatenate([ia, ib])
-        nulls = []
-        for _ in range(cfg['n_shuffles']):
-            perm = rng.permutation(pooled)
-            nulls.append(contrast_stats(grids, perm[:len(ia)], perm[len(ia):], cfg['fdr'], cfg['min_patch']))
-        n_patches = lambda sizes: len(sizes['positive']) + len(sizes['negative'])
-        largest = lambda sizes: max(sizes['positive'] + sizes['negative'] + [0])
-        maps = OrderedDict()
-        for m, s in real.items():
-            # the patches that chance alone makes at this share of selective units: the same t-map with
-            # its units' places shuffled (when most units are selective, random neighbours join into
-            # big clusters too: percolation, as in the non-topographic control)
-            scattered = [patches(s['t'].ravel()[p].reshape(s['t'].shape),
-                                 s['significant'].ravel()[p].reshape(s['t'].shape), cfg['min_patch'])[0]
-                         for p in (rng.permutation(s['t'].size) for _ in range(cfg['n_shuffles']))]
-            maps[m] = dict(morans_i=s['morans_i'],
-                           morans_i_null=_mean_sd([n[m]['morans_i'] for n in nulls]),
-                           percent_selective=s['percent'], percent_positive=s['percent_positive'],
-                           percent_negative=s['percent_negative'],
-                           percent_selective_null=_mean_sd([n[m]['percent'] for n in nulls]),
-                           patches=s['patches'], n_patches=n_patches(s['patches']),
-                           n_patches_null=_mean_sd([n_patches(n[m]['patches']) for n in nulls]),
-                           largest_patch=largest(s['patches']),
-                           n_patches_scattered=_mean_sd([n_patches(x) for x in scattered]),
-                           largest_patch_scattered=_mean_sd([largest(x) for x in scattered]))
-        metrics['contrasts'][name] = dict(
-            conditions=[label_a, label_b], n_stimuli=[len(ia), len(ib)],
-            mean_morans_i=float(np.nanmean([v['morans_i'] for v in maps.values()])),
-            mean_morans_i_null=_mean_sd([np.nanmean([n[m]['morans_i'] for m in n]) for n in nulls]),
-            percent_selective=float(np.mean([v['percent_selective'] for v in maps.values()])),  # of all units
-            percent_selective_null=_mean_sd([np.mean([n[m]['percent'] for m in n]) for n in nulls]),
-            maps=maps)
+        rng = np.random.default_rng(cfg['seed'])  # per contrast: its null does not depend on the others run
+        real = contrast_stats(grids, ia, ib, cfg['fdr'], cfg['min_patch'], smoothed)
+        nulls = [contrast_stats(grids, *redraw_labels(ia, ib, null, rng), cfg['fdr'], cfg['min_patch'], smoothed)
+                 for _ in range(cfg['n_shuffles'])]
+        scattered = scattered_patches(real, cfg['n_shuffles'], cfg['min_patch'], rng)
+        metrics['contrasts'][name] = dict(conditions=[label_a, label_b], n_stimuli=[len(ia), len(ib)],
+                                          null=null, n_shuffles=cfg['n_shuffles'],
+                                          **summarize(real, nulls, scattered))
         tmaps[name] = OrderedDict((m, (s['t'], s['patch_map'])) for m, s in real.items())
-        log(f"  {name}: done ({cfg['n_shuffles']} shuffles)")
+        print(f"  {name}: {time.time() - t0:.1f}s", flush=True)
     profiles = OrderedDict((m, correlation_profile(g)) for m, g in grids.items())
     metrics['correlation_profile'] = OrderedDict(
         (m, dict(distance=d.tolist(), mean_r=r.tolist())) for m, (d, r) in profiles.items())
@@ -607,8 +780,8 @@ def _layout(names):
     layers, kinds = list(dict.fromkeys(k[0] for k in keys)), list(dict.fromkeys(k[1] for k in keys))
     return {n: (layers.index(l), kinds.index(k)) for n, (l, k) in zip(names, keys)}, len(layers), len(kinds)
 
-def _label(info):
-    return f"{info['model_type']} ({'topographic' if info['topographic'] else 'non-topographic'})"
+def _fmt(x, spec='.2f'):
+    return '-' if x is None else format(x, spec)  # None: no draws, no smoothing, or a constant map
 
 def plot_contrast(path, blocks, title):
     """
@@ -625,13 +798,13 @@ def plot_contrast(path, blocks, title):
     ratios = [r for i, l in enumerate(layouts) for r in ([0.25] if i else []) + [1] * l[2]]
     vmax = max(float(np.abs(t).max()) for _, tm, _ in blocks for t, _ in tm.values()) or 1.0
     content = 2.0 * sum(ratios)  # inches of maps; plus 0.1 left, 1.0 right for the colour bar
-    width, height = max(content + 1.1, 8.0), 2.2 * n_rows + 1.0  # at least 8 inches: room for the title
+    width, height = max(content + 1.1, 8.0), 2.3 * n_rows + 1.0  # at least 8 inches: room for the title
     pad = (width - content - 1.1) / 2  # centre narrow grids
     fig = plt.figure(figsize=(width, height))
     # fixed margins: constrained/tight layout would take seconds per figure
     gs = fig.add_gridspec(n_rows, len(ratios), width_ratios=ratios, left=(0.1 + pad) / width,
                           right=1 - (1.0 + pad) / width, bottom=0.2 / height, top=1 - 1.0 / height,
-                          wspace=0.15, hspace=0.5)
+                          wspace=0.15, hspace=0.55)
     col0 = 0
     for (label, tm, mm), (where, _, n_kinds) in zip(blocks, layouts):
         for m, (t, patch_map) in tm.items():
@@ -644,9 +817,10 @@ def plot_contrast(path, blocks, title):
                 if patch.any():  # outline along the cell edges: contour a 9x upsampled mask
                     ax.contour(np.kron(patch, np.ones((9, 9))), levels=[0.5], colors='k', linewidths=0.8,
                                extent=(-0.5, W - 0.5, -0.5, H - 0.5), origin='upper')
-            null = mm[m]['morans_i_null']['mean']
-            ax.set_title(f"{label.split(':')[0] if len(blocks) > 1 else ''} {m}\nI={mm[m]['morans_i']:.2f}"
-                         + (f" (null {null:.2f})" if null is not None else ''), fontsize=8)
+            v = mm[m]
+            smoothed = f" (smoothed {_fmt(v['morans_i_smoothed'])})" if v['morans_i_smoothed'] is not None else ''
+            ax.set_title(f"{label.split(':')[0] + ' ' if len(blocks) > 1 else ''}{m}\n"
+                         f"Moran's I {_fmt(v['morans_i'])}{smoothed}", fontsize=8)
         col0 += n_kinds + 1
     fig.colorbar(im, cax=fig.add_axes([1 - (0.75 + pad) / width, 0.2, 0.15 / width, 0.6]), label="Welch's t")
     fig.suptitle(title, fontsize=10)
@@ -674,70 +848,94 @@ def plot_profiles(path, models, title):
     plt.close(fig)
 
 # -----------------------------------------------------------------------------
-# main
+# The printout: a table per contrast, a legend, a line per contrast
 
-def parse_args(argv):
-    """First positional argument = the checkpoint; --key=value for the config keys, parsed as
-    topo_gpt.py parses its own. Returns (checkpoint path, config dict)."""
-    positional = [a for a in argv if not a.startswith('-')]
-    if len(positional) != 1 and not {'-h', '--help'} & set(argv):
-        raise UsageError("usage: python analyze.py CHECKPOINT [--key=value ...] (see --help)")
-    cfg, _ = parse_keys([a for a in argv if a.startswith('-')], DEFAULTS, {}, __doc__)
-    return positional[0], cfg
+_COLUMNS = [("Moran's I", 9), ('shuffled', 10), ('smoothed I', 10), ('shuffled', 10), ('% selective', 11),
+            ('patches', 9)]
 
-def select_suites(cfg):
-    """[(contrast name, {condition: texts}, (label, conditions) of group A, the same of B)] for the run."""
-    if cfg['n_shuffles'] < 0 or not 0 < cfg['fdr'] < 1 or cfg['fwhm'] < 0 or cfg['batch_size'] < 1:
-        raise UsageError("need n_shuffles >= 0, 0 < fdr < 1, fwhm >= 0 and batch_size >= 1")
-    if cfg['stimuli']:
-        name, groups = read_stimuli_csv(cfg['stimuli'])
-        a, b = list(groups)
-        return [(name, groups, (a, [a]), (b, [b]))]
-    names = list(CONTRASTS) if cfg['contrasts'] == 'all' else [c.strip() for c in cfg['contrasts'].split(',')]
-    unknown = [n for n in names if n not in CONTRASTS]
-    if unknown or not names:
-        raise UsageError(f"unknown contrast(s) {unknown}; choose from {', '.join(CONTRASTS)} or all")
-    stim = builtin_stimuli(cfg['seed'])
-    return [(n, {c: stim[c] for c in CONTRASTS[n][0][1] + CONTRASTS[n][1][1]}, *CONTRASTS[n]) for n in names]
+def _cells(v):
+    """The cells of one model's row: v = a map's metrics, or a contrast's (its means over the maps)."""
+    null, snull = v['morans_i_null'], v['morans_i_smoothed_null']
+    with_sd = lambda s: '-' if s['mean'] is None else f"{s['mean']:.2f}±{s['sd']:.2f}"
+    cells = [_fmt(v['morans_i']), with_sd(null), _fmt(v['morans_i_smoothed']), with_sd(snull),
+             f"{_fmt(v['percent_selective'], '.1f')} ({_fmt(v['percent_selective_null']['mean'], '.1f')})"]
+    if 'patches' in v:
+        cells.append(f"{v['n_patches']} ({_fmt(v['n_patches_scattered']['mean'], '.1f')})")
+    else:
+        cells.append('')
+    return cells
 
-def _fmt(x, spec='.2f'):
-    return '-' if x is None else format(x, spec)  # None: no shuffles, or a ratio with a zero control
-
-def print_table(name, results):
-    """
-    The compact per-contrast table: per map and model, Moran's I and its shuffled-label null, % selective
-    units and its null, patches (+/-), the largest patch and (in brackets) the largest one that the same
-    selective units make at scattered places; then I_topo / I_control when there is a control.
-    """
+def print_table(name, results, cfg):
+    """One contrast: a row per map and a row of means, the model's columns and then the control's."""
     first = results[0]['contrasts'][name]
     a, b = first['conditions']
-    print(f"\n{name}: {a} - {b} ({first['n_stimuli'][0]} vs {first['n_stimuli'][1]} stimuli)")
-    cols = ['I', 'null I', '%sel', 'null', 'patch+/-', 'max (scat)']
-    widths = [6, 11, 5, 5, 8, 10]
-    head = f"{'map':12s}"
-    for label in ['model', 'control'][:len(results)]:
-        head += ' | ' + ' '.join(f"{(label + ' ' + c) if c == 'I' else c:>{w}s}" for c, w in zip(cols, widths))
-    print(head + (f" | {'I ratio':>7s}" if len(results) == 2 else ''))
-    for m in first['maps']:
-        line = f"{m:12s}"
-        for res in results:
-            v = res['contrasts'][name]['maps'].get(m)
+    print(f"\n{name}: {a} - {b} ({first['n_stimuli'][0]} vs {first['n_stimuli'][1]} stimuli; "
+          f"null: {NULLS[first['null']]}, {first['n_shuffles']} draws)")
+    width = sum(w for _, w in _COLUMNS) + len(_COLUMNS) - 1
+    print((f"{'':10s}" + ''.join(f" | {(role + ': ' + describe(r))[:width]:{width}s}"
+                                 for r, role in zip(results, ['model', 'control']))).rstrip())
+    print(f"{'map':10s}" + ''.join(' | ' + ' '.join(f"{c:>{w}s}" for c, w in _COLUMNS) for _ in results))
+    rows = list(first['maps']) + ['mean']
+    for m in rows:
+        line = f"{m:10s}"
+        for r in results:
+            c = r['contrasts'][name]
+            v = c if m == 'mean' else c['maps'].get(m)
             if v is None:  # a control with other maps
-                line += ' | ' + ' '.join(' ' * w for w in widths)
+                line += ' |'
                 continue
-            null, scat = v['morans_i_null'], v['largest_patch_scattered']['mean']
-            cells = [_fmt(v['morans_i']), f"{_fmt(null['mean'])}±{_fmt(null['sd'])}",
-                     f"{v['percent_selective']:.1f}", _fmt(v['percent_selective_null']['mean'], '.1f'),
-                     f"{len(v['patches']['positive'])}/{len(v['patches']['negative'])}",
-                     f"{v['largest_patch']} ({_fmt(scat, '.0f')})"]
-            line += ' | ' + ' '.join(f"{c:>{w}s}" for c, w in zip(cells, widths))
-        if len(results) == 2:
-            vc = results[1]['contrasts'][name]['maps'].get(m)
-            line += f" | {_fmt(_ratio(first['maps'][m]['morans_i'], vc and vc['morans_i'])):>7s}"
-        print(line)
+            if m == 'mean':
+                v = dict(morans_i=c['mean_morans_i'], morans_i_null=c['mean_morans_i_null'],
+                         morans_i_smoothed=c['mean_morans_i_smoothed'],
+                         morans_i_smoothed_null=c['mean_morans_i_smoothed_null'],
+                         percent_selective=c['percent_selective'], percent_selective_null=c['percent_selective_null'])
+            line += ' | ' + ' '.join(f"{x:>{w}s}" for x, (_, w) in zip(_cells(v), _COLUMNS))
+        print(line.rstrip())
+    if len(results) == 2:
+        d = [_difference(results, name, k) for k in ('mean_morans_i', 'mean_morans_i_smoothed')]
+        print(f"difference of the mean Moran's I, model - control: {_fmt(d[0], '+.2f')} unsmoothed"
+              + (f", {_fmt(d[1], '+.2f')} smoothed" if cfg['fwhm'] > 0 else ''))
 
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b) else a / b
+def _difference(results, name, key):
+    a, b = (r['contrasts'][name][key] for r in results)
+    return None if a is None or b is None else a - b
+
+def print_legend(cfg, nulls):
+    """What every column means, printed once under the tables."""
+    fwhm = f"FWHM {cfg['fwhm']:g}" if cfg['fwhm'] > 0 else "(off: --fwhm=0)"
+    lines = [
+        ("Moran's I", "how smooth the t-map of the contrast is on the sheet (queen neighbours, row-standardised): "
+                      "about 0 for units at random places, near 1 for a smooth map"),
+        ("shuffled", f"the column before it with the labels redrawn, mean ± sd of {cfg['n_shuffles']} draws: what "
+                     f"the model's smoothness alone gives. A real cluster beats it"),
+        ("smoothed I", f"Moran's I after smoothing every stimulus's response map with a Gaussian of {fwhm} grid "
+                       f"units (the paper's fMRI-like read-out); smoothing raises the shuffled value too"),
+        ("% selective", f"units selective for the first condition: BH-FDR q < {cfg['fdr']:g} over all units of all "
+                        f"maps, and t positive; in brackets the mean of the shuffled draws"),
+        ("patches", f"groups of >= {cfg['min_patch']} side-by-side (4-connected) selective units of one sign; in "
+                    f"brackets how many the same units make at scattered places (chance)"),
+    ]
+    lines += [(f"null: {n}", {'paired': "the labels of each matched pair (a sentence and its non-word twin, "
+                                        "two sentences that differ in one adjective) swapped with probability 1/2",
+                              'shuffled': "all stimuli's labels permuted, group sizes kept"}[n]) for n in nulls]
+    lines.append(('', "% selective and patches are of the unsmoothed t-maps, as are the figures"))
+    print()
+    for key, text in lines:
+        print(textwrap.fill(text, 110, initial_indent=f"{key:>14s}  ", subsequent_indent=' ' * 16))
+
+def print_summary(name, results):
+    """One line per contrast: the mean Moran's I (unsmoothed, smoothed) and the % of selective units."""
+    c = [r['contrasts'][name] for r in results]
+    if len(c) == 1:
+        print(f"{name}: mean Moran's I {_fmt(c[0]['mean_morans_i'])} (shuffled {_fmt(c[0]['mean_morans_i_null']['mean'])}), "
+              f"smoothed {_fmt(c[0]['mean_morans_i_smoothed'])} (shuffled "
+              f"{_fmt(c[0]['mean_morans_i_smoothed_null']['mean'])}); {_fmt(c[0]['percent_selective'], '.1f')}% selective")
+        return
+    print(f"{name}: mean Moran's I {_fmt(c[0]['mean_morans_i'])} vs control {_fmt(c[1]['mean_morans_i'])}, "
+          f"difference {_fmt(_difference(results, name, 'mean_morans_i'), '+.2f')}; smoothed "
+          f"{_fmt(c[0]['mean_morans_i_smoothed'])} vs {_fmt(c[1]['mean_morans_i_smoothed'])}, difference "
+          f"{_fmt(_difference(results, name, 'mean_morans_i_smoothed'), '+.2f')}; selective "
+          f"{_fmt(c[0]['percent_selective'], '.1f')}% vs {_fmt(c[1]['percent_selective'], '.1f')}%")
 
 def _json_ready(x):
     if isinstance(x, dict):
@@ -746,83 +944,119 @@ def _json_ready(x):
         return [_json_ready(v) for v in x]
     if isinstance(x, (np.floating, float)):
         return float(x) if math.isfinite(x) else None
-    if isinstance(x, (np.integer,)):
+    if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, np.bool_):
         return bool(x)
     return x
 
-def run(ckpt_path, cfg, log=print):
-    """The whole analysis; returns the metrics dict (also written to out_dir/metrics.json)."""
-    suites = select_suites(cfg)  # bad stimuli fail before any model is loaded
-    paths = [ckpt_path] + ([cfg['control']] if cfg['control'] else [])
-    loaded = [load_model(p, cfg['device']) for p in paths]  # bad checkpoints fail before any work
-    out = cfg['out_dir'] or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), 'analysis')
-    os.makedirs(out, exist_ok=True)
-    smoothing = f", maps smoothed with FWHM {cfg['fwhm']:g} grid units" if cfg['fwhm'] > 0 else ''
-    results, tmaps, profiles = [], [], []
-    for (model, info), role in zip(loaded, ['model', 'control']):
-        if (role == 'model') != info['topographic']:
-            log(f"note: the {role} {info['checkpoint']} is {_label(info)}")
-        log(f"{role}: {info['checkpoint']}, {_label(info)}")
-        m, t, p = analyze_model(model, info, suites, cfg, log)
-        results.append(m)
-        tmaps.append(t)
-        profiles.append(p)
+# -----------------------------------------------------------------------------
+# main
 
-    labels = [f"{role}: {_label(r)}" for r, role in zip(results, ['model', 'control'])]
+def select_suites(cfg):
+    """
+    The contrasts of the run: ([(name, (label, conditions), (label, conditions), null)], all texts in one
+    list, {condition: its rows in that list}).
+    """
+    if cfg['stimuli']:
+        name, conditions = read_stimuli_csv(cfg['stimuli'])
+        a, b = list(conditions)
+        suites = [(name, (a, [a]), (b, [b]), 'shuffled')]
+    else:
+        names = list(CONTRASTS) if cfg['contrasts'] == 'all' else [c.strip() for c in cfg['contrasts'].split(',')]
+        unknown = [n for n in names if n not in CONTRASTS]
+        if unknown or not names:
+            raise UsageError(f"unknown contrast(s) {unknown}; choose from {', '.join(CONTRASTS)} or all")
+        suites = [(n, *CONTRASTS[n]) for n in dict.fromkeys(names)]
+        stim = builtin_stimuli(cfg['seed'])
+        conditions = {c: stim[c] for _, (_, ca), (_, cb), _ in suites for c in ca + cb}
+    texts, rows = [], {}
+    for cond, ts in conditions.items():
+        rows[cond] = np.arange(len(texts), len(texts) + len(ts))
+        texts += ts
+    return suites, texts, rows
+
+def check_out_dir(path):
+    """Fail now, before any work, if out_dir is not a folder that can be made and written; it is made
+    only when the results are written (a refused run leaves nothing behind)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        what = 'not a folder' if not os.path.isdir(existing) else 'not writable'
+        raise UsageError(f"--out_dir={path} cannot be written: {existing} is {what}")
+
+def load_models(ckpt_path, cfg, device):
+    """The model and, with --control, its control: [(model, info)], checked to be of one kind."""
+    loaded = [load_model(p, cfg['positions'], device) for p in [ckpt_path] + [cfg['control']] * bool(cfg['control'])]
+    if cfg['positions'] and not any(info['official'] for _, info in loaded):
+        raise UsageError("--positions is for official TopoLM checkpoints; these carry their units' places")
+    if len({info['model_type'] for _, info in loaded}) > 1:
+        raise UsageError(f"the model is a {describe(loaded[0][1])} and the control a {describe(loaded[1][1])}: "
+                         f"a control must be the same kind of model, trained without topography")
+    return loaded
+
+def write_results(out, suites, results, tmaps, profiles, cfg):
+    """The figures and metrics.json. Returns the metrics."""
+    topo_gpt.writable_dir(out)
+    labels = [f"{role}: {describe(r)}" for r, role in zip(results, ['model', 'control'])]
+    smoothing = (f"; in brackets: Moran's I of the read-out smoothed with FWHM {cfg['fwhm']:g} grid units"
+                 if cfg['fwhm'] > 0 else '')
     for name, *_ in suites:
-        c = results[0]['contrasts'][name]
-        title = (f"{name}: t({c['conditions'][0]} - {c['conditions'][1]}); outlined: patches of >= "
-                 f"{cfg['min_patch']} selective units (BH q < {cfg['fdr']}){smoothing}\n" + '   |   '.join(labels))
+        a, b = results[0]['contrasts'][name]['conditions']
+        title = (f"{name}: Welch's t of {a} - {b} per unit (unsmoothed)\n"
+                 f"outlined: patches of >= {cfg['min_patch']} selective units (BH q < {cfg['fdr']:g}){smoothing}\n"
+                 + '   |   '.join(labels))
         blocks = [(lab, tm[name], r['contrasts'][name]['maps']) for lab, tm, r in zip(labels, tmaps, results)]
         plot_contrast(os.path.join(out, f"{name}.png"), blocks, title)
     plot_profiles(os.path.join(out, 'correlation_distance.png'), list(zip(labels, profiles)),
-                  f"response correlation vs grid distance, over all stimuli{smoothing}")
-
+                  "response correlation vs grid distance, over all stimuli (unsmoothed)")
     metrics = dict(config=cfg, model=results[0], control=results[1] if len(results) > 1 else None)
     if len(results) > 1:
-        metrics['comparison'] = OrderedDict()
-        for name, *_ in suites:
-            a, b = results[0]['contrasts'][name], results[1]['contrasts'][name]
-            metrics['comparison'][name] = dict(
-                mean_morans_i=[a['mean_morans_i'], b['mean_morans_i']],
-                # the ratio asked for; a control's I is near 0 (random places), so the difference is steadier
-                ratio=_ratio(a['mean_morans_i'], b['mean_morans_i']),
-                difference=a['mean_morans_i'] - b['mean_morans_i'],
-                percent_selective=[a['percent_selective'], b['percent_selective']],
-                map_ratio={m: _ratio(v['morans_i'], b['maps'].get(m, {}).get('morans_i'))
-                           for m, v in a['maps'].items()})
+        each = lambda name, key: [r['contrasts'][name][key] for r in results]
+        metrics['comparison'] = OrderedDict(
+            (name, dict(mean_morans_i=each(name, 'mean_morans_i'), difference=_difference(results, name, 'mean_morans_i'),
+                        mean_morans_i_smoothed=each(name, 'mean_morans_i_smoothed'),
+                        difference_smoothed=_difference(results, name, 'mean_morans_i_smoothed'),
+                        percent_selective=each(name, 'percent_selective')))
+            for name, *_ in suites)
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
         json.dump(_json_ready(metrics), f, indent=1)
+    return metrics
 
-    if smoothing:
-        print(f"\nall numbers below{smoothing}")
+def main(argv):
+    positional = [a for a in argv if not a.startswith('-')]
+    cfg, _ = parse_args([a for a in argv if a.startswith('-')], DEFAULTS, {}, __doc__, read_config_notes(__file__))
+    if len(positional) != 1:
+        raise UsageError("usage: python analyze.py CHECKPOINT [--key=value ...] (see --help)")
+    ckpt_path = positional[0]
+    # everything that can be wrong with the input fails here, before any long work
+    suites, texts, rows = select_suites(cfg)
+    out = cfg['out_dir'] or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), 'analysis')
+    check_out_dir(out)
+    enc = gpt2_tokenizer()
+    device = topo_gpt.pick_device(cfg['device'])
+    loaded = load_models(ckpt_path, cfg, device)
+
+    results, tmaps, profiles = [], [], []
+    for (model, info), role in zip(loaded, ['model', 'control']):
+        print(f"{role}: {info['checkpoint']}, {describe(info)}", flush=True)
+        if (role == 'model') != info['topographic']:
+            print(f"note: the {role} is {'' if info['topographic'] else 'not '}topographic")
+        m, t, p = analyze_model(model, info, suites, rows, texts, enc, cfg, device)
+        results.append(m)
+        tmaps.append(t)
+        profiles.append(p)
+    metrics = write_results(out, suites, results, tmaps, profiles, cfg)
+
     for name, *_ in suites:
-        print_table(name, results)
+        print_table(name, results, cfg)
+    print_legend(cfg, list(dict.fromkeys(null for *_, null in suites)))
     print()
-    for name, *_ in suites:  # the one-line summary per contrast
-        a = results[0]['contrasts'][name]
-        topo = f"{_fmt(a['mean_morans_i'])} (shuffled {_fmt(a['mean_morans_i_null']['mean'])})"
-        if len(results) == 1:
-            print(f"{name}: mean Moran's I {topo}, {a['percent_selective']:.1f}% selective")
-            continue
-        b = results[1]['contrasts'][name]
-        ctrl = f"{_fmt(b['mean_morans_i'])} (shuffled {_fmt(b['mean_morans_i_null']['mean'])})"
-        comp = metrics['comparison'][name]
-        print(f"{name}: mean Moran's I topo {topo} vs control {ctrl}: difference {_fmt(comp['difference'])}, "
-              f"ratio {_fmt(comp['ratio'])}; selective {a['percent_selective']:.1f}% "
-              f"vs {b['percent_selective']:.1f}%")
+    for name, *_ in suites:
+        print_summary(name, results)
     print(f"\nwrote {out}/: {', '.join(f'{n}.png' for n, *_ in suites)}, correlation_distance.png, metrics.json")
     return metrics
 
-def main(argv=None):
-    try:
-        ckpt_path, cfg = parse_args(sys.argv[1:] if argv is None else argv)
-        run(ckpt_path, cfg)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-if __name__ == "__main__":
-    main()
+if __name__ == '__main__':
+    sys.exit(command(main, sys.argv[1:]))

@@ -1,16 +1,24 @@
 """
-Tests for topo-lm. Run: python -m pytest -q test_topo.py  (about 3 minutes on a 2-core CPU)
+Tests for topo-lm, in the order of the files they test: topo_gpt.py, topoformer.py, prepare_data.py,
+analyze.py, then what holds the house together (the shared code, the README). Run:
+
+    python -m pytest -q test_topo.py
+
+Offline, tests that need the GPT-2 vocabulary skip unless TIKTOKEN_CACHE_DIR points at a copy of
+tiktoken's cache, and tests that need this repo's shared test data (a corpus, the official checkpoint)
+skip unless it sits in ../shared or TOPO_SHARED names its folder. Every script is run in-process through
+its own command() (exit code, one-line errors); one subprocess smoke test per script checks the real thing.
 """
 import io
 import os
-import random
 import sys
 import json
 import math
-import time
-import types
+import errno
+import random
 import signal
 import tarfile
+import inspect
 import subprocess
 import urllib.error
 
@@ -21,65 +29,96 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(ROOT, '..', 'shared')
-CACHE = os.path.join(SHARED, 'tiktoken_cache')
-SHAKESPEARE = os.path.join(SHARED, 'data', 'shakespeare', 'complete_works.txt')
-if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(CACHE):
-    os.environ['TIKTOKEN_CACHE_DIR'] = os.path.abspath(CACHE)  # no vocab download offline
+SHARED = os.environ.get('TOPO_SHARED', os.path.join(ROOT, '..', 'shared'))
+if 'TIKTOKEN_CACHE_DIR' not in os.environ and os.path.isdir(os.path.join(SHARED, 'tiktoken_cache')):
+    os.environ['TIKTOKEN_CACHE_DIR'] = os.path.abspath(os.path.join(SHARED, 'tiktoken_cache'))
 sys.path.insert(0, ROOT)
 
-import tiktoken
 import topo_gpt
+import topoformer as tf
 import prepare_data
 import analyze
-import topoformer as tf
+from topo_gpt import GPT, GPTConfig, UsageError, spatial_correlation_loss
 from topoformer import Topoformer, TopoformerConfig, SpatialSelfAttention
-from topo_gpt import GPT, GPTConfig, spatial_correlation_loss
 
+SHAKESPEARE = os.path.join(SHARED, 'data', 'shakespeare', 'complete_works.txt')
+OFFICIAL = os.path.join(SHARED, 'fixtures', 'topolm_official')
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32, alpha=2.5, radius=3, n_neighborhoods=3)
 # the same tiny model on the command line, for runs of the script itself
-TINY_CLI = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--radius=3', '--n_neighborhoods=3',
-            '--block_size=32', '--batch_size=4', '--eval_iters=2', '--log_interval=1', '--warmup_iters=2']
+TINY_CLI = ['--n_layer=2', '--n_head=2', '--n_embd=64', '--radius=3', '--n_neighborhoods=3', '--block_size=32',
+            '--batch_size=4', '--eval_iters=2', '--log_interval=1', '--warmup_iters=2', '--dtype=float32']
 
-def run(args, cwd=ROOT, timeout=600, **kw):
-    """Run a script of the repo; returns the CompletedProcess (text)."""
-    env = {**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'}
-    return subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
+# -----------------------------------------------------------------------------
+# helpers: one way to run a script, one check of a clean error
 
-def assert_clean_error(p, *words):
-    """A clear one-line error: non-zero exit, no traceback, the words in the message."""
-    assert p.returncode != 0, p.stdout
-    assert 'Traceback' not in p.stderr, p.stderr
-    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, p.stderr
+def cli(main, argv, capsys, **kw):
+    """A script's main(argv) run in-process as its command line runs it, through the script's own
+    command(): (exit code, stdout, stderr)."""
+    code = sys.modules[main.__module__].command(main, argv, **kw)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+def run_script(args, cwd=ROOT, timeout=300, env=None):
+    """A script run as a user runs it, in a fresh Python: the CompletedProcess."""
+    return subprocess.run([sys.executable] + args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
+
+def assert_one_line_error(code, err, *words, exit_code=2):
+    """A clear error: the exit code, exactly one line on stderr starting with 'error:', no traceback, the
+    words in it."""
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == exit_code and len(lines) == 1 and lines[0].startswith('error:'), (code, err)
     for w in words:
-        assert w.lower() in lines[0].lower(), lines[0]
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+def gpt2():
+    """The GPT-2 tokenizer, or a skip that says what to set."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except Exception:
+        pytest.skip("needs the GPT-2 vocabulary: set TIKTOKEN_CACHE_DIR to a copy of tiktoken's cache")
+
+def needs_shared(path):
+    if not os.path.exists(path):
+        pytest.skip(f"needs this repo's shared test data ({path}): set TOPO_SHARED to its folder")
+    return path
+
+def write_dataset(folder, tokens, val_share=0.1):
+    """A dataset as prepare_data.py writes it: train.bin, val.bin (uint16) and meta.json with their sizes."""
+    tokens = np.asarray(tokens, dtype=np.uint16)
+    k = int(len(tokens) * (1 - val_share))
+    os.makedirs(folder, exist_ok=True)
+    tokens[:k].tofile(os.path.join(folder, 'train.bin'))
+    tokens[k:].tofile(os.path.join(folder, 'val.bin'))
+    with open(os.path.join(folder, 'meta.json'), 'w') as f:
+        json.dump({'train_tokens': k, 'val_tokens': len(tokens) - k}, f)
 
 @pytest.fixture(autouse=True)
 def one_thread():
     """The models in these tests are tiny: one thread is as fast as two, and immune to the stalls a second
-    OpenMP thread suffers on a busy machine (measured here: 10x slower steps at times)."""
+    OpenMP thread suffers on a busy machine."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory):
-    """A small corpus as prepare_data.py would write it: data/tiny/{train,val}.bin."""
+    """A small corpus: data/tiny/{train,val}.bin and meta.json, a repetitive 'language' over 200 tokens, so
+    that a few steps can learn something. Returns the data_dir."""
     d = tmp_path_factory.mktemp('data')
     rng = np.random.default_rng(0)
-    # a repetitive 'language' over 200 tokens, so that a few steps can learn something
     base = rng.integers(0, 200, size=50)
-    stream = np.concatenate([np.roll(base, rng.integers(0, 5)) for _ in range(200)]).astype(np.uint16)
-    os.makedirs(d / 'tiny')
-    stream[:9000].tofile(d / 'tiny' / 'train.bin')
-    stream[9000:].tofile(d / 'tiny' / 'val.bin')
+    write_dataset(d / 'tiny', np.concatenate([np.roll(base, rng.integers(0, 5)) for _ in range(200)]))
     return str(d)
 
+def gpt_run(tiny_data, out_dir, *extra):
+    """The command line of a tiny TopoLM run on tiny_data into out_dir."""
+    return [*TINY_CLI, f'--data_dir={tiny_data}', '--dataset=tiny', f'--out_dir={out_dir}', *extra]
+
 # -----------------------------------------------------------------------------
-# the spatial correlation loss
+# topo_gpt.py: the spatial correlation loss
 
 def smooth_fields(n_samples, side, width, seed=0):
     """n_samples random fields on a side x side grid, Gaussian-smoothed: responses that are a
@@ -88,8 +127,7 @@ def smooth_fields(n_samples, side, width, seed=0):
     noise = torch.randn(n_samples, 1, side + 4 * width, side + 4 * width, generator=g)
     ax = torch.arange(-2 * width, 2 * width + 1, dtype=torch.float32)
     k = torch.exp(-ax ** 2 / (2 * width ** 2))
-    k2 = (k[:, None] * k[None, :])[None, None]
-    return torch.nn.functional.conv2d(noise, k2)[:, 0, :side, :side]
+    return F.conv2d(noise, (k[:, None] * k[None, :])[None, None])[:, 0, :side, :side]
 
 def window(side):
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing='ij')
@@ -134,6 +172,25 @@ def test_spatial_loss_batch_equals_single_calls():
     singles = torch.stack([spatial_correlation_loss(x[k], pos[k]) for k in range(4)])
     torch.testing.assert_close(batch, singles)
 
+def test_correlation_and_its_gradient_equal_plain_autograd():
+    # Covariance's hand-written backward against autograd through the textbook formula, in float64,
+    # for a contiguous x and for the transposed layout the model's gather passes in
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(3, 50, 7, generator=g, dtype=torch.float64),
+              torch.randn(3, 7, 50, generator=g, dtype=torch.float64).transpose(1, 2)):
+        x = x.requires_grad_()
+        assert torch.autograd.gradcheck(topo_gpt.Covariance.apply, (x,))
+        xc = x - x.mean(1, keepdim=True)
+        plain = xc.transpose(1, 2) @ xc
+        w = torch.randn(3, 7, 7, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(topo_gpt.Covariance.apply(x), plain)
+        got, = torch.autograd.grad((topo_gpt.Covariance.apply(x) * w).sum(), x)
+        want, = torch.autograd.grad((plain * w).sum(), x)
+        torch.testing.assert_close(got, want)
+        # and correlation() is numpy's corrcoef
+        np.testing.assert_allclose(topo_gpt.correlation(x)[1].detach().numpy(),
+                                   np.corrcoef(x[1].detach().numpy().T), atol=1e-9)
+
 def test_replacing_the_loss_changes_training(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
@@ -144,9 +201,7 @@ def test_replacing_the_loss_changes_training(monkeypatch):
     grad_ref = torch.autograd.grad(loss, model.transformer.h[0].mlp.c_fc.weight)[0]
 
     def absolute_loss(x, pos):  # TDANN's older form: mean |r - D|, a classroom exercise
-        x = x - x.mean(1, keepdim=True)
-        x = x / x.norm(dim=1, keepdim=True)
-        r = x.transpose(1, 2) @ x
+        r = topo_gpt.correlation(x)
         D = 1 / (1 + torch.cdist(pos, pos))
         return (r - D).abs().mean(dim=(1, 2))
 
@@ -170,6 +225,31 @@ def test_alpha_zero_skips_spatial_loss(monkeypatch):
     with pytest.raises(AssertionError, match='spatial loss computed'):
         model(idx, idx)
 
+# -----------------------------------------------------------------------------
+# topo_gpt.py: the grid and its windows
+
+def test_windows_are_the_interior_squares_drawn_without_replacement():
+    side, radius = 12, 3  # 5 x 5 windows: (12 - 2 * 2)^2 = 64 of them, as the official code lists
+    places = topo_gpt.window_places(side, radius)
+    assert places.shape == (64, 25) and len({tuple(p.tolist()) for p in places}) == 64
+    for p in places[[0, 9, 63]]:
+        rows, cols = p // side, p % side
+        assert rows.max() - rows.min() == 4 and cols.max() - cols.min() == 4  # a 5 x 5 square, row by row
+        assert torch.equal(p, (rows.min() * side + cols.min()) + (torch.arange(5)[:, None] * side +
+                                                                   torch.arange(5)).flatten())
+    _, grid = topo_gpt.lattice_positions(3, side, seed=0)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        units, pos = topo_gpt.sample_neighborhoods(grid, places, 5)
+        assert units.shape == (3, 5, 25) and pos.shape == (3, 5, 25, 2)
+        for m in range(3):
+            assert len({tuple(u) for u in units[m].tolist()}) == 5  # 5 distinct windows per map
+            # each unit sits at its window place
+            assert torch.equal(grid[m][pos[m, ..., 0], pos[m, ..., 1]], units[m])
+        seen |= {tuple(p.flatten().tolist()) for p in pos[0]}
+    assert len(seen) == 64  # every window gets drawn
+
 def test_spatial_loss_of_model_uses_the_sampled_windows():
     # a model's loss over its neighbourhoods equals the function applied window by window
     torch.manual_seed(0)
@@ -178,22 +258,14 @@ def test_spatial_loss_of_model_uses_the_sampled_windows():
     torch.manual_seed(5)
     total = model.spatial_loss_of(maps)
     torch.manual_seed(5)
-    units, pos = topo_gpt.sample_neighborhoods(model.grid, 3, 3)
+    units, pos = topo_gpt.sample_neighborhoods(model.grid, model.window_places, 3)
     expect = 0
     for m in range(4):
         for k in range(3):
             x = maps[m].reshape(32, 64)[:, units[m, k]]
-            # the units' stored positions are the window's places
-            assert torch.equal(model.unit_pos[m][units[m, k]], pos[m, k])
+            assert torch.equal(model.unit_pos[m][units[m, k]], pos[m, k])  # stored places = window places
             expect = expect + spatial_correlation_loss(x, pos[m, k].float()) / 3
     assert total.item() == pytest.approx(expect.item(), rel=1e-5)
-    # windows are 5 x 5 squares of the lattice
-    assert units.shape == (4, 3, 25)
-    p = pos[0, 0]
-    assert (p.max(0).values - p.min(0).values).tolist() == [4, 4]
-
-# -----------------------------------------------------------------------------
-# the model
 
 def test_positions_are_a_permutation_of_the_lattice_and_survive_a_checkpoint(tmp_path):
     model = GPT(GPTConfig(**TINY))
@@ -208,12 +280,15 @@ def test_positions_are_a_permutation_of_the_lattice_and_survive_a_checkpoint(tmp
     assert not torch.equal(seen[0], seen[1])  # each map its own placement
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
     path = str(tmp_path / 'ckpt.pt')
-    topo_gpt.save_checkpoint(path, model, opt, 0, 1.0, {})
+    topo_gpt.save_checkpoint(path, topo_gpt.checkpoint_of(model, opt, 0, 1.0, None, {}))
     # a model built with another seed would place units elsewhere; the checkpoint's positions win
     loaded = GPT.from_checkpoint(path)
     for name in model.map_names:
         assert torch.equal(loaded.positions(name), model.positions(name))
     assert not torch.equal(GPT(GPTConfig(**{**TINY, 'seed': 7})).positions('h.0.attn'), seen[0])
+
+# -----------------------------------------------------------------------------
+# topo_gpt.py: the model
 
 def test_causality():
     torch.manual_seed(0)
@@ -237,12 +312,10 @@ def test_return_maps_shapes_and_sublayer_vs_residual():
     assert logits.shape == (2, 10, 50304) and loss is None
     assert list(maps) == model.map_names and all(m.shape == (2, 10, 64) for m in maps.values())
     # the residual option maps the stream: the final map is what ln_f sees
-    model.config.residual_maps = True
     for block in model.transformer.h:
         block.residual_maps = True
     _, _, res = model(idx, return_maps=True)
-    x = res['h.1.mlp']
-    torch.testing.assert_close(model.lm_head(model.transformer.ln_f(x)), logits)
+    torch.testing.assert_close(model.lm_head(model.transformer.ln_f(res['h.1.mlp'])), logits)
     torch.testing.assert_close(res['h.1.mlp'] - res['h.1.attn'], maps['h.1.mlp'])
 
 def test_training_lowers_the_loss(tiny_data):
@@ -267,36 +340,58 @@ def test_save_load_identical_logits(tmp_path):
     model = GPT(GPTConfig(**TINY)).eval()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
     path = str(tmp_path / 'ckpt.pt')
-    topo_gpt.save_checkpoint(path, model, opt, 3, 1.0, {'seed': 1})
+    topo_gpt.save_checkpoint(path, topo_gpt.checkpoint_of(model, opt, 3, 1.0, 11.0, {'seed': 1}))
     loaded = GPT.from_checkpoint(path)
     idx = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
         assert torch.equal(model(idx)[0], loaded(idx)[0])
     assert loaded.config == model.config
-    foreign = tmp_path / 'foreign.pt'
-    torch.save({'model': model.state_dict()}, foreign)
-    with pytest.raises(ValueError, match='not a TopoLM checkpoint'):
-        GPT.from_checkpoint(str(foreign))
+    torch.save({'model': model.state_dict()}, tmp_path / 'foreign.pt')
+    with pytest.raises(UsageError, match='not a topolm checkpoint'):
+        GPT.from_checkpoint(str(tmp_path / 'foreign.pt'))
 
 def test_bad_model_config_is_a_clear_error():
     with pytest.raises(ValueError, match='perfect square'):
         GPT(GPTConfig(**{**TINY, 'n_embd': 60}))
-    with pytest.raises(ValueError, match='does not fit'):
+    with pytest.raises(ValueError, match='do not fit'):
         GPT(GPTConfig(**{**TINY, 'radius': 6}))
+    # the control too: its evaluations measure the spatial loss (no crash mid-run)
+    with pytest.raises(ValueError, match='do not fit'):
+        GPT(GPTConfig(alpha=0, n_embd=64, n_head=4))
+    with pytest.raises(ValueError, match='16 windows'):
+        GPT(GPTConfig(**{**TINY, 'n_neighborhoods': 17}))
+
+def test_official_checkpoint_reproduces_the_official_model():
+    # a checkpoint and position pickles written by the official TopoLM code (../shared/fixtures): our GPT
+    # gives its logits and maps, and its unit places exactly
+    folder = needs_shared(OFFICIAL)
+    model = GPT.from_official(os.path.join(folder, 'ckpt.pt'))
+    ref = torch.load(os.path.join(folder, 'reference.pt'), weights_only=True)
+    with torch.no_grad():
+        logits, _, maps = model(ref['idx'], return_maps=True)
+    assert (logits[..., :2048] - ref['logits_head']).abs().max() < 1e-5
+    assert (logits.logsumexp(-1) - ref['logsumexp']).abs().max() < 1e-5
+    for name, m in ref['maps'].items():  # official 'layer.0.attn' is our 'h.0.attn'
+        ours = 'h.' + name.split('.', 1)[1]
+        assert (maps[ours] - m).abs().max() < 1e-5
+        assert torch.equal(model.positions(ours), ref['coordinates'][name].float())
+    assert not model.config.residual_maps and model.config.radius == 3  # with_resid False; 5 x 5 windows
+    with pytest.raises(ValueError, match='no unit positions'):
+        GPT.from_official(os.path.join(folder, 'ckpt.pt'), positions_dir=folder)
 
 # -----------------------------------------------------------------------------
-# the training script
+# topo_gpt.py: training, checkpoints, resume
 
-def test_resume_is_bit_exact(tiny_data, tmp_path):
-    common = TINY_CLI + [f'--data_dir={tiny_data}', '--dataset=tiny', '--eval_interval=3',
-                         '--dropout=0.1', '--lr_decay_iters=8']
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_resume_is_bit_exact(tiny_data, tmp_path, capsys, dtype):
+    args = lambda out, n: gpt_run(tiny_data, out, '--eval_interval=3', '--dropout=0.1', '--lr_decay_iters=8',
+                                  f'--max_iters={n}', f'--dtype={dtype}')
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-    p = run(['topo_gpt.py', *common, '--max_iters=8', f'--out_dir={a}'])
-    assert p.returncode == 0, p.stderr
-    p = run(['topo_gpt.py', *common, '--max_iters=4', f'--out_dir={b}'])
-    assert p.returncode == 0, p.stderr
-    p = run(['topo_gpt.py', '--resume', '--max_iters=8', f'--out_dir={b}'])
-    assert p.returncode == 0, p.stderr
+    assert cli(topo_gpt.main, args(a, 8), capsys)[0] == 0
+    assert cli(topo_gpt.main, args(b, 4), capsys)[0] == 0
+    code, out, err = cli(topo_gpt.main, ['--resume', '--max_iters=8', f'--out_dir={b}'], capsys)
+    assert code == 0, err
+    assert f'device cpu, {dtype}' in out
     ca = torch.load(os.path.join(a, 'ckpt.pt'), weights_only=False)
     cb = torch.load(os.path.join(b, 'ckpt.pt'), weights_only=False)
     assert ca['iter_num'] == cb['iter_num'] == 8
@@ -304,839 +399,216 @@ def test_resume_is_bit_exact(tiny_data, tmp_path):
         assert torch.equal(v, cb['model'][k]), k
     assert ca['best_val_loss'] == cb['best_val_loss']
 
-def test_training_script_end_to_end_and_nan_stop(tiny_data, tmp_path, monkeypatch, capsys):
+def test_resume_keeps_the_checkpoints_model(tiny_data, tmp_path, capsys):
     out = str(tmp_path / 'out')
-    args = TINY_CLI + [f'--data_dir={tiny_data}', '--dataset=tiny', '--eval_interval=4', f'--out_dir={out}']
-    topo_gpt.main(args + ['--max_iters=4'])
-    log = capsys.readouterr().out
-    assert 'step 0: train ce' in log and 'val spatial loss' in log and 'tok/s' in log
+    assert cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=2', '--eval_interval=2'), capsys)[0] == 0
+    code, stdout, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=4', '--block_size=8',
+                                            '--n_layer=5', '--eval_interval=2'], capsys)
+    assert code == 0, err  # the model's keys are ignored, and really so: no crash on the block size
+    assert 'ignoring --block_size, --n_layer' in stdout and 'step 4:' in stdout
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['config']['block_size'] == 32
+    code, stdout, _ = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=4'], capsys)
+    assert code == 0 and 'nothing to train: the run is at iter 4' in stdout
+
+def test_divergence_never_replaces_a_good_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / 'out')
+    assert cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=2', '--eval_interval=2'), capsys)[0] == 0
     path = os.path.join(out, 'ckpt.pt')
-    before = open(path, 'rb').read()
+    good = open(path, 'rb').read()
+    # an evaluation with exploded but finite losses: far above where the run started, so no save
+    real, calls = topo_gpt.estimate_loss, []
+    def explode_second(*a):  # the resumed run's first evaluation (iter 2) is fine, the next (iter 4) is not
+        calls.append(1)
+        return real(*a) if len(calls) == 1 else {**real(*a), 'val': (9.6e7, 0.2)}
+    monkeypatch.setattr(topo_gpt, 'estimate_loss', explode_second)
+    code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=6', '--eval_interval=2'],
+                       capsys)
+    assert_one_line_error(code, err, 'diverged at iter 4', 'it started at', 'is intact')
+    assert open(path, 'rb').read() == good and not os.path.exists(path + '.tmp')
+    monkeypatch.setattr(topo_gpt, 'estimate_loss', real)
+    # a loss that turns NaN during a step stops at once, naming the same intact checkpoint
     monkeypatch.setattr(topo_gpt, 'spatial_correlation_loss', lambda x, pos: x.sum(dim=(1, 2)) * float('nan'))
-    with pytest.raises(topo_gpt.UsageError, match='diverged.*last good checkpoint'):
-        topo_gpt.main(args + ['--max_iters=8', '--resume'])
-    assert open(path, 'rb').read() == before  # the good checkpoint is untouched
-    assert not os.path.exists(path + '.tmp')
+    code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=4'], capsys)
+    assert_one_line_error(code, err, 'diverged', 'is intact')
+    assert open(path, 'rb').read() == good
 
-def test_cli_rejects_bad_input(tiny_data, tmp_path):
-    assert_clean_error(run(['topo_gpt.py', '--n_layr=3']), "unknown config key 'n_layr'")
-    assert_clean_error(run(['topo_gpt.py', '--batch_size=big']), 'expected a int')
-    assert_clean_error(run(['topo_gpt.py', '--preset=huge']), 'unknown preset')
-    assert_clean_error(run(['topo_gpt.py', '--n_embd=250', f'--data_dir={tiny_data}', '--dataset=tiny']),
-                       'perfect square')
-    assert_clean_error(run(['topo_gpt.py', f'--data_dir={tmp_path}', '--dataset=nothing']),
-                       'prepare_data.py')
-    assert_clean_error(run(['topo_gpt.py', '--resume', f'--out_dir={tmp_path}/none']), 'no checkpoint')
-    p = run(['topo_gpt.py', '--help'])
-    assert p.returncode == 0 and '--alpha=2.5' in p.stdout and '--compile=False' in p.stdout
+def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tiny_data, tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+    def save_with_ctrl_c(obj, f, *a, **k):  # Ctrl-C arrives in the middle of writing the checkpoint
+        f.write(b'PK partial ')
+        os.kill(os.getpid(), signal.SIGINT)
+        f.seek(0)
+        real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, 'save', save_with_ctrl_c)
+    out = str(tmp_path / 'out')
+    code, stdout, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=4', '--eval_interval=2'), capsys)
+    assert_one_line_error(code, err, 'interrupted', exit_code=130)
+    assert 'step 2:' in stdout and 'step 4' not in stdout  # stopped right after the first save
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)  # whole, and the new one
+    assert ckpt['iter_num'] == 2 and os.listdir(out) == ['ckpt.pt']
 
-def test_compile_runs_a_step(tiny_data, tmp_path):
-    p = run(['topo_gpt.py', *TINY_CLI, '--compile', f'--data_dir={tiny_data}', '--dataset=tiny',
-             '--max_iters=2', '--eval_interval=2', f'--out_dir={tmp_path}'])
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / 'out')
+    assert cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=2', '--eval_interval=2'), capsys)[0] == 0
+    good = open(os.path.join(out, 'ckpt.pt'), 'rb').read()
+    def disk_full(obj, f, *a, **k):
+        f.write(b'x' * 1000)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', disk_full)
+    code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=4', '--eval_interval=2'],
+                       capsys)
+    assert_one_line_error(code, err, 'could not write', 'No space left', 'is intact')
+    assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == good and os.listdir(out) == ['ckpt.pt']
+
+def test_bad_data_is_one_line(tiny_data, tmp_path, capsys):
+    def expect(folder, *words):
+        code, _, err = cli(topo_gpt.main, gpt_run(str(tmp_path), tmp_path / 'out', f'--dataset={folder}'), capsys)
+        assert_one_line_error(code, err, *words)
+    expect('nothing', 'no ', 'prepare_data.py')
+    write_dataset(tmp_path / 'nometa', np.arange(1000))
+    os.remove(tmp_path / 'nometa' / 'meta.json')  # an interrupted prepare_data.py, before it wrote meta.json
+    expect('nometa', 'no complete meta.json', 'prepare_data.py')
+    write_dataset(tmp_path / 'mixed', np.arange(1000))
+    np.arange(50, dtype=np.uint16).tofile(tmp_path / 'mixed' / 'val.bin')  # another dataset's val.bin
+    expect('mixed', 'mixed or damaged', 'prepare_data.py')
+    write_dataset(tmp_path / 'odd', np.arange(1000))
+    with open(tmp_path / 'odd' / 'train.bin', 'ab') as f:
+        f.write(b'\x00')  # half a token
+    expect('odd', 'mixed or damaged')
+    write_dataset(tmp_path / 'short', np.arange(40))
+    expect('short', 'too few for block_size=32')
+
+# every config key that has a range, checked before any work: one line, exit 2
+BAD_CONFIG = [('--batch_size=0', 'batch_size=0'), ('--eval_interval=0', 'eval_interval'),
+              ('--log_interval=0', 'log_interval'), ('--eval_iters=-1', 'eval_iters'),
+              ('--learning_rate=-1', 'learning_rate'), ('--learning_rate=nan', 'learning_rate=nan'),
+              ('--beta1=1.5', 'beta1'), ('--n_head=0', 'n_head'), ('--n_layer=0', 'n_layer'),
+              ('--gradient_accumulation_steps=0', 'gradient_accumulation_steps'), ('--max_iters=0', 'max_iters'),
+              ('--grad_clip=-1', 'grad_clip'), ('--block_size=0', 'block_size'), ('--dropout=1', 'dropout'),
+              ('--device=nonsense', 'not a device'), ('--dtype=float16', 'needs a GPU'), ('--dtype=int8', 'one of'),
+              ('--preset=huge', 'unknown preset'), ('--n_layr=3', "'--n_layr=3'"), ('--batch_size=big', 'expected a int'),
+              ('--batch_size=1.5', 'expected a int'), ('--compile=maybe', 'True or False'), ('--seed', 'needs a value'),
+              ('--n_embd=250', 'perfect square'), ('--n_embd=64', 'not divisible'), ('--radius=9', 'do not fit')]
+
+@pytest.mark.parametrize('arg, words', BAD_CONFIG + [
+    ('--alpha=-1', 'alpha'), ('--alpha=nan', 'alpha'), ('--n_neighborhoods=0', 'n_neighborhoods'),
+    ('--device=cuda', 'not a device' if not torch.cuda.is_available() else 'n/a')])
+def test_topolm_bad_config_is_one_line(arg, words, tiny_data, tmp_path, capsys):
+    if arg == '--device=cuda' and torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    args = [f'--data_dir={tiny_data}', '--dataset=tiny', f'--out_dir={tmp_path}', '--max_iters=1']
+    if arg == '--n_embd=64':
+        args.append('--n_head=3')
+    code, _, err = cli(topo_gpt.main, args + [arg], capsys)
+    assert_one_line_error(code, err, words)
+    assert os.listdir(tmp_path) == []  # nothing was written
+
+def test_out_dir_that_cannot_be_written_is_one_line(tiny_data, tmp_path, capsys):
+    (tmp_path / 'afile').write_text('not a folder')
+    code, _, err = cli(topo_gpt.main, gpt_run(tiny_data, tmp_path / 'afile', '--max_iters=1'), capsys)
+    assert_one_line_error(code, err, '--out_dir=', 'not a folder this run can write')
+
+def test_checkpoint_without_config_is_one_line(tmp_path, capsys):
+    model = GPT(GPTConfig(**TINY))
+    ckpt = topo_gpt.checkpoint_of(model, model.configure_optimizers(0, 1e-3, (0.9, 0.95), 'cpu'), 1, 1.0, 1.0, {})
+    del ckpt['config']
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={tmp_path}'], capsys)
+    assert_one_line_error(code, err, 'incomplete', 'config')
+    code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={tmp_path / "none"}'], capsys)
+    assert_one_line_error(code, err, 'no checkpoint')
+
+def test_share_step_keeps_the_tokens_per_step():
+    assert topo_gpt.share_step(4, 8, 2) == (2, 8)  # fewer micro-batches per process
+    assert topo_gpt.share_step(1, 8, 2) == (1, 4)  # or smaller ones
+    assert topo_gpt.share_step(3, 6, 1) == (3, 6)
+    with pytest.raises(UsageError, match='cannot be shared evenly by 2'):
+        topo_gpt.share_step(3, 5, 2)
+
+def test_pick_dtype():
+    native = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+    assert topo_gpt.pick_dtype('auto', 'cpu') == ('bfloat16' if native else 'float32')
+    assert topo_gpt.pick_dtype('auto', 'mps') == 'float32'
+    assert topo_gpt.pick_dtype('bfloat16', 'cpu') == 'bfloat16'  # forced: emulated where not native
+    with pytest.raises(UsageError, match='needs a GPU'):
+        topo_gpt.pick_dtype('float16', 'cpu')
+
+def test_bench_prints_dtype_ratio_and_gflops(capsys):
+    code, out, err = cli(topo_gpt.main, [*TINY_CLI, '--bench'], capsys)
+    assert code == 0, err
+    assert 'batch 4 x 32 x 1 accum, float32' in out and 'GFLOP/s' in out
+    ratio = float(out.split('on/off ratio: ')[1].split()[0])
+    assert 0.3 < ratio < 3
+
+def test_compile_runs_steps(tiny_data, tmp_path, capsys):
+    code, out, err = cli(topo_gpt.main, gpt_run(tiny_data, tmp_path, '--compile', '--max_iters=2',
+                                                 '--eval_interval=2'), capsys)
+    assert code == 0, err[-3000:]
+    assert 'iter 2: loss' in out and os.path.exists(tmp_path / 'ckpt.pt')
+
+def test_torchrun_shares_the_step_and_resumes(tiny_data, tmp_path, capsys):
+    # the defaults (one micro-batch of 4) on 2 processes: each runs 1 x 2 sequences, 128 tokens a step
+    torchrun = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'topo_gpt.py']
+    p = run_script(torchrun + gpt_run(tiny_data, tmp_path, '--max_iters=2', '--eval_interval=2'))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert 'iter 2: loss' in p.stdout and os.path.exists(tmp_path / 'ckpt.pt')
-
-def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        'topo_gpt.py', *TINY_CLI, f'--data_dir={tiny_data}', '--dataset=tiny',
-                        '--gradient_accumulation_steps=2', '--max_iters=3', '--eval_interval=3',
-                        f'--out_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert '2 process(es) of 1 x 2 sequences, 128 tokens per iteration' in p.stdout
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=False)['config']['gradient_accumulation_steps'] == 1
+    # resumed on the same 2 processes, with 4 micro-batches: 2 each; and then on one process: the same step
+    p = run_script(torchrun + ['--resume', f'--out_dir={tmp_path}', '--max_iters=4', '--eval_interval=2',
+                               '--gradient_accumulation_steps=4'])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert '2 process(es)' in p.stdout and 'iter 3: loss' in p.stdout
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
-    assert ckpt['iter_num'] == 3
-
-# -----------------------------------------------------------------------------
-# prepare_data.py
-
-enc = tiktoken.get_encoding('gpt2')
-EOT_TEXT = '<|endoftext|>'
-
-
-def run_prepare(tmp_path, *args, env=None):
-    """prepare_data.py as a user runs it, from tmp_path (so data/ lands there)."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'prepare_data.py'), *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env=env)
-
-
-def load(folder):
-    meta = json.load(open(os.path.join(folder, 'meta.json')))
-    train = np.fromfile(os.path.join(folder, 'train.bin'), dtype=np.uint16)
-    val = np.fromfile(os.path.join(folder, 'val.bin'), dtype=np.uint16)
-    return train, val, meta
-
-
-def assert_prepare_error(r, *words, code=None):
-    """Failed with one line on stderr, no traceback, mentioning words."""
-    assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, r.stderr)
-    assert 'Traceback' not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error:'), r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-
-
-def assert_no_bins(folder):
-    left = os.listdir(folder) if os.path.isdir(folder) else []
-    assert not [f for f in left if f.endswith(('.bin', '.tmp', 'meta.json'))], left
-
-# -----------------------------------------------------------------------------
-# the local path (what every offline run and the README use)
-
-def test_single_file_round_trip(tmp_path):
-    # unicode, CRLF, tabs, trailing spaces: all must survive byte for byte
-    text = ''.join(f"Line {i}: caf\u00e9 na\u00efve \u2014 \U0001F600\t  \r\nTo be, or not to be{i % 7}!\n\n"
-                   for i in range(300))
-    (tmp_path / 'play.txt').write_bytes(text.encode('utf-8'))
-    r = run_prepare(tmp_path, '--input=play.txt')
-    assert r.returncode == 0, r.stderr
-    train, val, meta = load(tmp_path / 'data' / 'play')
-    ids = enc.encode_ordinary(text)
-    k = int(len(ids) * 0.1)
-    # contiguous split: train = tokens[:-k], val = tokens[-k:] + [EOT], nothing lost or added
-    assert train.tolist() == ids[:-k] and val.tolist() == ids[-k:] + [50256]
-    assert enc.decode(train.tolist() + val.tolist()) == text + EOT_TEXT
-    assert (train == 50256).sum() == 0 and (val == 50256).sum() == 1
-    assert meta['train_tokens'] == len(train) and meta['val_tokens'] == len(val)
-    assert meta['tokenizer'] == 'gpt2' and meta['eot_token'] == 50256 and meta['seed'] == 1337
-    assert meta['val_fraction'] == 0.1 and meta['source'] == 'play.txt'
-
-
-def make_folder(tmp_path, n=20):
-    docs = {f'doc{i:02d}.txt': f"Document number {i}.\n" + "words and more words " * (i + 1) for i in range(n)}
-    folder = tmp_path / 'corpus'
-    folder.mkdir()
-    for fname, text in docs.items():
-        (folder / fname).write_text(text, encoding='utf-8')
-    (folder / 'empty.txt').write_text('')  # skipped
-    (folder / 'notes.md').write_text('not a .txt, ignored')
-    return docs
-
-
-def test_folder_split_by_documents(tmp_path):
-    docs = make_folder(tmp_path)
-    r = run_prepare(tmp_path, '--input=corpus', '--val_fraction=0.2')
-    assert r.returncode == 0, r.stderr
-    folder = tmp_path / 'data' / 'corpus'
-    train, val, meta = load(folder)
-    assert train.dtype == np.uint16 and os.path.getsize(folder / 'train.bin') == 2 * meta['train_tokens']
-    assert os.path.getsize(folder / 'val.bin') == 2 * meta['val_tokens']
-    got = {}
-    for split, ids in (('train', train), ('val', val)):
-        assert ids[-1] == 50256  # every document ends with EOT
-        parts = enc.decode(ids.tolist()).split(EOT_TEXT)
-        assert parts[-1] == ''
-        got[split] = parts[:-1]
-        assert len(got[split]) == meta[f'{split}_documents'] == (ids == 50256).sum()
-    assert len(got['val']) == 4 and len(got['train']) == 16  # round(20 * 0.2)
-    assert sorted(got['train'] + got['val']) == sorted(docs.values())  # each document exactly once
-    assert got['train'] == sorted(got['train'], key=lambda t: int(t.split()[2][:-1]))  # name order
-
-
-def test_seed_determines_split(tmp_path):
-    make_folder(tmp_path)
-    bins = {}
-    for out, seed in (('a', 1), ('b', 1), ('c', 2)):
-        assert run_prepare(tmp_path, '--input=corpus', f'--out_dir={out}', f'--seed={seed}').returncode == 0
-        bins[out] = [(tmp_path / out / 'corpus' / f).read_bytes() for f in ('train.bin', 'val.bin')]
-    assert bins['a'] == bins['b']
-    assert bins['a'] != bins['c']
-
-
-def test_few_documents_still_give_one_val_document(tmp_path):
-    folder = tmp_path / 'three'
-    folder.mkdir()
-    for i in range(3):  # round(3 * 0.1) = 0, but val gets at least one document
-        (folder / f'{i}.txt').write_text(f'document {i} ' * 20)
-    assert run_prepare(tmp_path, '--input=three').returncode == 0
-    train, val, meta = load(tmp_path / 'data' / 'three')
-    assert (meta['train_documents'], meta['val_documents']) == (2, 1) == ((train == 50256).sum(), (val == 50256).sum())
-
-
-@pytest.mark.parametrize('source', ['synthetic', 'shakespeare'])
-def test_pieces_encode_like_the_whole(source):
-    if source == 'shakespeare' and not os.path.exists(SHAKESPEARE):
-        pytest.skip('needs ../shared/data')
-    # "\n\n " is one pre-token before a word: cutting between its newlines would change the tokens
-    text = (open(SHAKESPEARE, encoding='utf-8').read()[:300_000] if source == 'shakespeare'
-            else ''.join(f"Paragraph {i} ends.\n\n  Then\tanother \n\n\n" for i in range(5000)))
-    parts = list(prepare_data.pieces(text, size=2000))
-    assert len(parts) > 50 and ''.join(parts) == text
-    assert [t for p in parts for t in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
-
-
-def test_interrupt_leaves_no_files(tmp_path):
-    def docs():
-        yield 'train', 'some text ' * 100
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        prepare_data.write_bins(docs(), str(tmp_path / 'out'))
-    assert os.listdir(tmp_path / 'out') == []
-
-
-def test_ctrl_c_removes_temporary_files(tmp_path):
-    (tmp_path / 'big.txt').write_text("The quick brown fox jumps over the lazy dog, again.\n" * 400_000)  # 20 MB
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'prepare_data.py'), '--input=big.txt'], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
-    tmp_bin, t0 = tmp_path / 'data' / 'big' / 'train.bin.tmp', time.time()
-    while not tmp_bin.exists() and time.time() - t0 < 60:  # interrupt once tokens are being written
-        time.sleep(0.01)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and err.strip() == 'error: interrupted (temporary files removed)', err
-    assert os.listdir(tmp_path / 'data' / 'big') == []
-
-
-@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='needs ../shared/data')
-def test_real_shakespeare(tmp_path):
-    r = run_prepare(tmp_path, f'--input={os.path.abspath(SHAKESPEARE)}', '--name=shakespeare')
-    assert r.returncode == 0, r.stderr
-    train, val, meta = load(tmp_path / 'data' / 'shakespeare')
-    assert meta['train_tokens'] + meta['val_tokens'] == 1_566_042 + 1  # the text's tokens + one EOT
-    assert (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens']) == (1_409_438, 156_605)
-
-# -----------------------------------------------------------------------------
-# clean rejection: one line, no traceback, no half-written output
-
-@pytest.mark.parametrize('setup, args, words', [
-    (None, ['--input=nowhere.txt'], ['no such file or folder', 'nowhere.txt']),
-    ('empty_file', ['--input=empty.txt'], ['no text', 'empty.txt']),
-    ('empty_folder', ['--input=folder'], ['no text', 'folder']),
-    ('empty_txts', ['--input=folder'], ['no text']),
-    ('tiny', ['--input=tiny.txt'], ['too small']),
-    ('latin1', ['--input=folder'], ['not UTF-8', 'b_latin1.txt']),
-])
-def test_bad_input(tmp_path, setup, args, words):
-    folder = tmp_path / 'folder'
-    folder.mkdir()
-    if setup == 'empty_file':
-        (tmp_path / 'empty.txt').write_text('')
-    if setup == 'empty_folder':
-        (folder / 'readme.md').write_text('no .txt here')
-    if setup == 'empty_txts':
-        (folder / 'a.txt').write_text('')
-    if setup == 'tiny':
-        (tmp_path / 'tiny.txt').write_text('Hi there.')  # 3 tokens: 10% of them is none
-    if setup == 'latin1':
-        (folder / 'a_fine.txt').write_text('fine text ' * 50)
-        (folder / 'b_latin1.txt').write_bytes('caf\u00e9 au lait'.encode('latin-1'))
-    r = run_prepare(tmp_path, *args)
-    assert_prepare_error(r, *words, code=1)
-    assert_no_bins(tmp_path / 'data' / os.path.splitext(args[0].split('=')[1])[0])
-
-
-@pytest.mark.parametrize('args, words', [
-    (['--bogus=1'], ['unknown argument', '--bogus']),
-    (['shakespeare.txt'], ['unknown argument']),
-    (['--seed=abc'], ['--seed=abc', 'int']),
-    (['--seed=1.5'], ['int']),
-    (['--val_fraction=lots'], ['float']),
-    (['--val_fraction=1.5'], ['val_fraction']),
-    (['--input'], ['needs a value']),
-    (['--dataset=wikipedia'], ['--dataset=wikipedia']),
-    (['--input=x.txt', '--dataset=imdb'], ['either']),
-    (['--input=x.txt', '--max_tokens=100'], ['max_tokens']),
-])
-def test_bad_cli(tmp_path, args, words):
-    assert_prepare_error(run_prepare(tmp_path, *args), *words, code=2)
-    assert not (tmp_path / 'data').exists()
-
-
-def test_help_lists_every_key(tmp_path):
-    r = run_prepare(tmp_path, '--help')
-    assert r.returncode == 0
-    for k, v in prepare_data.DEFAULTS.items():
-        assert f'--{k}={v}' in r.stdout
-
-# -----------------------------------------------------------------------------
-# downloads, offline
-
-def test_strip_gutenberg():
-    book = "THE SONNETS\r\n\r\nFrom fairest creatures we desire increase,\r\n"
-    raw = ("\ufeffThe Project Gutenberg eBook of The Complete Works of William Shakespeare\r\n"
-           "This eBook is for the use of anyone anywhere...\r\n\r\n"
-           "*** START OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***\r\n\r\n\r\n"
-           + book + "\r\n\r\n"
-           "*** END OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***\r\n"
-           "Updated editions will replace the previous one... Project Gutenberg License\r\n")
-    assert prepare_data.strip_gutenberg(raw) == book.replace('\r\n', '\n').strip() + '\n'
-    with pytest.raises(SystemExit):
-        prepare_data.strip_gutenberg("<html>Service unavailable</html>")
-
-
-def test_default_corpus_from_a_local_url(tmp_path, monkeypatch):
-    # the no-argument run, with the Gutenberg URL pointed at a local file: download, strip, cache, tokenize
-    book = ''.join(f"Sonnet {i}\r\nShall I compare thee to a summer's day?\r\n\r\n" for i in range(100))
-    raw = tmp_path / 'pg100.txt'
-    raw.write_bytes(("header\r\n*** START OF THE PROJECT GUTENBERG EBOOK SHAKESPEARE ***\r\n" + book +
-                     "*** END OF THE PROJECT GUTENBERG EBOOK SHAKESPEARE ***\r\nlicence\r\n").encode('utf-8'))
-    monkeypatch.setattr(prepare_data, 'GUTENBERG_URL', raw.as_uri())
-    prepare_data.main([f'--out_dir={tmp_path / "data"}'])
-    folder = tmp_path / 'data' / 'shakespeare'
-    text = book.replace('\r\n', '\n').strip() + '\n'
-    assert (folder / 'input.txt').read_text() == text
-    assert sorted(os.listdir(folder)) == ['input.txt', 'meta.json', 'train.bin', 'val.bin']
-    train, val, meta = load(folder)
-    assert enc.decode(train.tolist() + val.tolist()) == text + EOT_TEXT and meta['source'] == raw.as_uri()
-
-
-def test_download_failure_is_one_clear_line(tmp_path, monkeypatch, capsys):
-    def offline(*a, **k):
-        raise urllib.error.URLError('[Errno -2] Name or service not known')
-    monkeypatch.setattr(prepare_data.urllib.request, 'urlopen', offline)
-    with pytest.raises(SystemExit) as e:
-        prepare_data.main([f'--out_dir={tmp_path}'])
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith('error: could not download') and '--input' in err and len(err.splitlines()) == 1
-    assert os.listdir(tmp_path / 'shakespeare') == []  # no partial input.txt, no .tmp
-
-
-@pytest.mark.parametrize('dataset', ['shakespeare', 'imdb'])
-def test_no_network_end_to_end(tmp_path, dataset):
-    # a proxy that refuses connections stands in for "offline", wherever the tests run
-    env = dict(os.environ, https_proxy='http://127.0.0.1:9', HTTPS_PROXY='http://127.0.0.1:9', no_proxy='', NO_PROXY='')
-    r = run_prepare(tmp_path, f'--dataset={dataset}', env=env)
-    assert_prepare_error(r, 'could not download', 'no network', code=1)
-    assert os.listdir(tmp_path / 'data' / dataset) == []
-
-
-def test_safe_extract(tmp_path, capsys):
-    def tar_with(names):
-        path = tmp_path / 'a.tar.gz'
-        with tarfile.open(path, 'w:gz') as tar:
-            for name in names:
-                info = tarfile.TarInfo(name)
-                info.size = 5
-                tar.addfile(info, io.BytesIO(b'great'))
-        return str(path)
-    good = ['aclImdb/train/pos/0_9.txt', 'aclImdb/test/neg/1_2.txt']
-    prepare_data.safe_extract(tar_with(good), str(tmp_path / 'ok'))
-    assert (tmp_path / 'ok' / 'aclImdb' / 'train' / 'pos' / '0_9.txt').read_bytes() == b'great'
-    with pytest.raises(SystemExit):
-        prepare_data.safe_extract(tar_with(['aclImdb/x.txt', '../../evil.txt']), str(tmp_path / 'bad'))
-    assert not (tmp_path / 'evil.txt').exists() and not (tmp_path.parent / 'evil.txt').exists()
-    assert 'unsafe' in capsys.readouterr().err
-
-
-def test_get_imdb_layout(tmp_path, monkeypatch):
-    def fake_download(url, path, hint):  # what the archive holds, in miniature
-        with tarfile.open(path, 'w:gz') as tar:
-            for name in ('aclImdb/train/pos/0_9.txt', 'aclImdb/train/neg/1_1.txt', 'aclImdb/test/pos/2_8.txt'):
-                info = tarfile.TarInfo(name)
-                info.size = 4
-                tar.addfile(info, io.BytesIO(b'okay'))
-    monkeypatch.setattr(prepare_data, 'download', fake_download)
-    prepare_data.main([f'--out_dir={tmp_path}', '--dataset=imdb'])
-    assert sorted(os.listdir(tmp_path / 'imdb')) == ['aclImdb']  # archive and unpack.tmp gone
-    assert (tmp_path / 'imdb' / 'aclImdb' / 'test' / 'pos' / '2_8.txt').read_text() == 'okay'
-
-# -----------------------------------------------------------------------------
-# the streamed corpora, with a stand-in for Hugging Face datasets
-
-@pytest.mark.parametrize('dataset, hub_path, config', [('tinystories', 'roneneldan/TinyStories', None),
-                                                       ('fineweb-edu', 'HuggingFaceFW/fineweb-edu', 'sample-10BT')])
-def test_streamed_dataset(tmp_path, monkeypatch, dataset, hub_path, config):
-    calls = []
-    def load_dataset(path, name=None, split=None, streaming=False):
-        calls.append((path, name, split, streaming))
-        return ({'text': f"Story {i}: once upon a time there was a topographic map."} for i in range(10**6))
-    monkeypatch.setitem(sys.modules, 'datasets', types.SimpleNamespace(load_dataset=load_dataset))
-    prepare_data.main([f'--out_dir={tmp_path}', f'--dataset={dataset}', '--max_tokens=20000', '--seed=3'])
-    assert calls == [(hub_path, config, 'train', True)]  # streamed, never the whole corpus
-    train, val, meta = load(tmp_path / dataset)
-    n = len(train) + len(val)
-    assert 20000 <= n < 20000 + 30  # stops after the document that reaches --max_tokens
-    n_docs = meta['train_documents'] + meta['val_documents']
-    assert (train == 50256).sum() + (val == 50256).sum() == n_docs
-    assert 0.05 < meta['val_documents'] / n_docs < 0.15  # each document to val with p = 0.1
-    assert enc.decode(val.tolist()).split(EOT_TEXT)[0].startswith('Story ')
-
-
-def test_streamed_dataset_missing_package_or_network(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, 'datasets', None)  # import fails, as on a machine without it
-    with pytest.raises(SystemExit):
-        prepare_data.main([f'--out_dir={tmp_path}', '--dataset=fineweb-edu'])
-    assert 'pip install datasets' in capsys.readouterr().err
-
-    def offline(*a, **k):
-        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)")
-    monkeypatch.setitem(sys.modules, 'datasets', types.SimpleNamespace(load_dataset=offline))
-    with pytest.raises(SystemExit):
-        prepare_data.main([f'--out_dir={tmp_path}', '--dataset=fineweb-edu'])
-    err = capsys.readouterr().err
-    assert 'no network' in err and '--input' in err and len(err.splitlines()) == 1
-    assert os.listdir(tmp_path / 'fineweb-edu') == []
-
-# -----------------------------------------------------------------------------
-# analyze.py: Welch's t and its p-values
-
-def test_welch_t_hand_example():
-    # a = [1, 2, 3, 4]: mean 2.5, unbiased variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3, s2_a = 5/12
-    # b = [2, 4, 6]:    mean 4,   unbiased variance (4 + 0 + 4) / 2 = 4,                  s2_b = 4/3
-    # t  = (2.5 - 4) / sqrt(5/12 + 16/12) = -1.5 / sqrt(7/4) = -1.133893
-    # df = (7/4)^2 / ((5/12)^2 / 3 + (4/3)^2 / 2) = 3.0625 / (0.0578704 + 0.8888889) = 3.234719
-    t, df = analyze.welch_t(np.array([1, 2, 3, 4.]), np.array([2, 4, 6.]))
-    assert t == pytest.approx(-1.5 / math.sqrt(7 / 4), abs=1e-12)
-    assert t == pytest.approx(-1.133893, abs=1e-6)
-    assert df == pytest.approx(3.0625 / (25 / 432 + 8 / 9), abs=1e-12)
-    assert df == pytest.approx(3.234719, abs=1e-6)
-    # per unit along axis 0, the sign follows a - b; silent units give t = 0 (not NaN)
-    a = np.stack([[1, 2, 3, 4.], [5, 5, 5, 5], [0, 0, 0, 0]], axis=1)
-    b = np.stack([[2, 4, 6.], [5, 5, 5], [0, 0, 0]], axis=1)
-    t, df = analyze.welch_t(a, b)
-    assert t[0] == pytest.approx(-1.133893, abs=1e-6) and t[1] == 0 and t[2] == 0
-    assert np.isfinite(df).all()
-
-def _t_pvalue_by_integration(t, df, n=400001):
-    """Two-sided p of Student's t by numerical integration of its density (an independent check):
-    f(x) = Gamma((v+1)/2) / (sqrt(v pi) Gamma(v/2)) (1 + x^2/v)^(-(v+1)/2), p = 1 - 2 int_0^|t| f."""
-    x = np.linspace(0, abs(t), n)
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    f = c * (1 + x**2 / df) ** (-(df + 1) / 2)
-    return 1 - 2 * np.sum((f[1:] + f[:-1]) / 2 * np.diff(x))
-
-def test_t_pvalue_table_values():
-    # two-sided critical values from the t table: p = 0.05 at t = 2.228 (df 10) and 2.086 (df 20),
-    # 0.01 at 2.845 (df 20); the Cauchy (df 1): P(|T| > 1) = 0.5 exactly; the normal limit: 1.96 -> 0.05
-    t = np.array([2.228, 2.086, 2.845, 1.0, 1.96])
-    df = np.array([10, 20, 20, 1, 1e6])
-    np.testing.assert_allclose(analyze.t_pvalue(t, df), [0.05, 0.05, 0.01, 0.5, 0.05], atol=5e-4)
-    assert analyze.t_pvalue(1.0, 1.0) == pytest.approx(0.5, abs=1e-12)
-    # df = 2 has a closed form: p = 1 - |t| / sqrt(2 + t^2)
-    ts = np.array([0.1, 0.5, 1.5, 3.0, 10.0])
-    np.testing.assert_allclose(analyze.t_pvalue(ts, 2), 1 - ts / np.sqrt(2 + ts**2), atol=1e-12)
-    # symmetric in t, 1 at t = 0, 0 at infinity, small but not 0 far out
-    assert analyze.t_pvalue(-2.228, 10) == analyze.t_pvalue(2.228, 10)
-    assert analyze.t_pvalue(0.0, 7) == 1.0 and analyze.t_pvalue(np.inf, 7) == 0.0
-    assert 0 < analyze.t_pvalue(12.0, 300) < 1e-25
-
-def test_t_pvalue_fractional_df_against_integration():
-    # Welch's df is fractional: check against the density integrated numerically, incl. the hand example
-    for t, df in [(-1.133893, 3.234719), (2.5, 7.3), (0.7, 45.6), (4.0, 2.5), (1.2, 150.2)]:
-        assert analyze.t_pvalue(t, df) == pytest.approx(_t_pvalue_by_integration(t, df), abs=1e-7)
-    # vectorised over arrays of any shape, one value per unit
-    t = np.linspace(-5, 5, 12).reshape(3, 4)
-    p = analyze.t_pvalue(t, np.full((3, 4), 12.5))
-    assert p.shape == (3, 4)
-    assert p.flat[0] == pytest.approx(_t_pvalue_by_integration(-5, 12.5), abs=1e-7)
-
-# -----------------------------------------------------------------------------
-# Benjamini-Hochberg
-
-def test_bh_fdr_worked_example():
-    # p = [0.04, 0.001, 0.03, 0.2, 0.031], m = 5. Sorted with ranks: 0.001 (1), 0.03 (2), 0.031 (3),
-    # 0.04 (4), 0.2 (5). p * m / rank: 0.005, 0.075, 0.051667, 0.05, 0.2. Running minimum from the
-    # largest rank down: 0.2, 0.05, min(0.051667, 0.05) = 0.05, min(0.075, 0.05) = 0.05, 0.005.
-    # Back in the input order: q = [0.05, 0.005, 0.05, 0.2, 0.05].
-    q = analyze.bh_fdr([0.04, 0.001, 0.03, 0.2, 0.031])
-    np.testing.assert_allclose(q, [0.05, 0.005, 0.05, 0.2, 0.05], atol=1e-12)
-    # shape kept, capped at 1, one family across all entries
-    q = analyze.bh_fdr(np.array([[0.9, 0.8], [0.01, 0.95]]))
-    assert q.shape == (2, 2) and q.max() <= 1
-    assert q[1, 0] == pytest.approx(0.04)  # 0.01 * 4 / 1
-
-# -----------------------------------------------------------------------------
-# Moran's I (queen contiguity, row-standardised weights)
-
-def _morans_i_brute_force(x):
-    """The textbook formula with an explicit N x N weight matrix: I = N / S0 * z'Wz / z'z."""
-    H, W = x.shape
-    cells = [(r, c) for r in range(H) for c in range(W)]
-    w = np.array([[1.0 if max(abs(r1 - r2), abs(c1 - c2)) == 1 else 0.0 for r2, c2 in cells] for r1, c1 in cells])
-    w /= w.sum(1, keepdims=True)
-    z = x.ravel() - x.mean()
-    return len(z) / w.sum() * z @ w @ z / (z @ z)
-
-def test_morans_i_checkerboard_hand_value():
-    # 4 x 4 checkerboard of +-1 (mean 0, sum z^2 = 16). The 4 rook neighbours of a cell have the opposite
-    # sign, the 4 diagonal ones the same sign; each cell's neighbours share weight 1 (row-standardised).
-    #   interior cell (4):  (4 diagonal - 4 rook) / 8 = 0
-    #   edge cell (8):      (2 diagonal - 3 rook) / 5 = -1/5
-    #   corner (4):         (1 diagonal - 2 rook) / 3 = -1/3
-    # I = (8 * -1/5 + 4 * -1/3) / 16 = -44/15 / 16 = -11/60. (With rook contiguity it would be -1;
-    # with queen, rook and diagonal cancel inside and only the border is left.)
-    board = (np.indices((4, 4)).sum(0) % 2) * 2 - 1.0
-    assert analyze.morans_i(board) == pytest.approx(-11 / 60, abs=1e-12)
-
-def test_morans_i_gradient_noise_and_brute_force():
-    ramp = np.add.outer(np.arange(16.0), np.zeros(16))  # a smooth gradient along the rows
-    assert analyze.morans_i(ramp) > 0.95
-    assert analyze.morans_i(np.add.outer(np.arange(16.0), np.arange(16.0))) > 0.95
-    # shuffled noise: expectation -1/(N-1) under randomisation
-    rng = np.random.default_rng(0)
-    values = [analyze.morans_i(rng.permutation(ramp.ravel()).reshape(16, 16)) for _ in range(20)]
-    assert np.mean(values) == pytest.approx(-1 / 255, abs=0.02)
-    # the shifted-sum implementation equals the explicit weight matrix, on a non-square map too
-    x = rng.standard_normal((5, 7))
-    assert analyze.morans_i(x) == pytest.approx(_morans_i_brute_force(x), abs=1e-12)
-    assert math.isnan(analyze.morans_i(np.ones((4, 4))))
-
-# -----------------------------------------------------------------------------
-# Clusters and patches
-
-def _mask(drawing):
-    return np.array([[ch == '#' for ch in line] for line in drawing.split()])
-
-def test_clusters_hand_drawn():
-    mask = _mask("""
-        ##..#
-        #...#
-        ..#..
-        .###.
-        #....""")
-    labels, sizes = analyze.clusters(mask)
-    # 4-connectivity, numbered in row-major order of their first cell; the corner cell (4, 0) touches
-    # (3, 1) only diagonally, so it is a component of its own
-    expected = np.array([[1, 1, 0, 0, 2],
-                         [1, 0, 0, 0, 2],
-                         [0, 0, 3, 0, 0],
-                         [0, 3, 3, 3, 0],
-                         [4, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(labels, expected)
-    assert sizes == [3, 2, 4, 1]
-    assert analyze.clusters(np.zeros((3, 3), bool))[1] == []
-
-def test_patches_split_by_sign_and_size():
-    t = np.zeros((8, 8))
-    t[:3, :3] = 5.0  # 9 positive units
-    t[5:, 4:] = -4.0  # 12 negative units
-    t[3, 3] = 3.0  # a lone positive unit
-    sig = t != 0
-    assert analyze.patches(t, sig, min_size=1)[0] == {'positive': [9, 1], 'negative': [12]}
-    sizes, where = analyze.patches(t, sig, min_size=10)
-    assert sizes == {'positive': [], 'negative': [12]}
-    np.testing.assert_array_equal(where, np.where(t < 0, -1, 0))  # only the big negative block
-    # a positive and a negative block side by side are two patches, not one
-    t2 = np.zeros((4, 4))
-    t2[:, :2], t2[:, 2:] = 3.0, -3.0
-    sizes, where = analyze.patches(t2, t2 != 0, min_size=8)
-    assert sizes == {'positive': [8], 'negative': [8]}
-    np.testing.assert_array_equal(where, np.sign(t2))
-    # significance decides, not the sign alone
-    assert analyze.patches(t2, np.zeros((4, 4), bool), min_size=1)[0] == {'positive': [], 'negative': []}
-
-def test_contrast_stats_finds_a_planted_patch_and_the_null_does_not():
-    # 30 + 30 stimuli on a 12 x 12 map of independent noise; the first group adds +1.5 inside a 6 x 6 square
-    rng = np.random.default_rng(1)
-    g = rng.standard_normal((60, 12, 12))
-    g[:30, 2:8, 3:9] += 1.5
-    ia, ib = np.arange(30), np.arange(30, 60)
-    s = analyze.contrast_stats({'m': g}, ia, ib, 0.05, 25)['m']
-    assert s['significant'][2:8, 3:9].all()
-    assert len(s['patches']['positive']) == 1 and s['patches']['positive'][0] >= 36
-    assert s['patches']['negative'] == []
-    assert s['morans_i'] > 0.5
-    perm = rng.permutation(60)
-    null = analyze.contrast_stats({'m': g}, perm[:30], perm[30:], 0.05, 25)['m']
-    assert null['percent'] < 5 and null['patches'] == {'positive': [], 'negative': []}
-
-# -----------------------------------------------------------------------------
-# Grids, smoothing, correlation vs distance
-
-def test_to_grid_places_units_at_their_positions():
-    side = 4
-    rng = np.random.default_rng(0)
-    perm = rng.permutation(side * side)
-    pos = np.stack([perm // side, perm % side], axis=1)  # unit u sits at pos[u], as TopoLM's positions
-    values = np.arange(side * side, dtype=float)
-    grid = analyze.to_grid(values, pos)
-    for u in range(side * side):
-        assert grid[pos[u, 0], pos[u, 1]] == values[u]
-    # fractional coordinates in [0, 1) (cell corners or centres) give the same lattice
-    np.testing.assert_array_equal(analyze.to_grid(values, pos / side), grid)
-    np.testing.assert_array_equal(analyze.to_grid(values, (pos + 0.5) / side), grid)
-    # leading axes are kept: (N, D) -> (N, side, side)
-    assert analyze.to_grid(np.ones((3, side * side)), pos).shape == (3, side, side)
-    with pytest.raises(ValueError):
-        analyze.to_grid(values, np.zeros((16, 2)))
-
-def test_smooth_fwhm():
-    # a single active cell becomes a Gaussian whose value at distance FWHM/2 is half its peak
-    x = np.zeros((21, 21))
-    x[10, 10] = 1.0
-    y = analyze.smooth(x, 4.0)
-    assert y[10, 12] / y[10, 10] == pytest.approx(0.5, abs=1e-5)
-    assert y[12, 10] / y[10, 10] == pytest.approx(0.5, abs=1e-5)
-    # a constant map stays constant up to the borders; leading axes are kept
-    z = analyze.smooth(np.full((2, 6, 5), 3.0), 2.5)
-    np.testing.assert_allclose(z, 3.0, atol=1e-12)
-
-def test_correlation_profile():
-    rng = np.random.default_rng(0)
-    d, r = analyze.correlation_profile(rng.standard_normal((400, 6, 6)))
-    np.testing.assert_array_equal(d, [1, 2, 3, 4, 5])
-    assert np.abs(r).max() < 0.05  # independent units
-    s = rng.standard_normal((50, 1, 1)) * np.linspace(1, 2, 36).reshape(1, 6, 6)  # one signal, scaled
-    np.testing.assert_allclose(analyze.correlation_profile(s)[1], 1.0, atol=1e-12)
-    # smoothed noise: neighbours correlate strongly, far units little
-    _, r = analyze.correlation_profile(analyze.smooth(rng.standard_normal((200, 8, 8)), 3.0))
-    assert r[0] > 0.6 and r[-1] < 0.2 and np.all(np.diff(r[:4]) < 0)
-
-# -----------------------------------------------------------------------------
-# Stimuli
-
-def _letters(text):
-    return [len(w.strip('.,')) for w in text.split()]
-
-def test_language_stimuli_balanced_and_matched():
-    s = analyze.language_stimuli(1337)
-    sent, non = s['sentences'], s['nonwords']
-    assert len(sent) == len(non) >= 200
-    assert len(set(sent)) == len(sent) and len(set(non)) == len(non)
-    for a, b in zip(sent, non):
-        assert _letters(a) == _letters(b)  # word for word, letter for letter
-        for w in b.lower().strip('.').split():
-            assert w.isalpha() and w not in analyze._REAL_WORDS and set(w) & set('aeiou')
-
-def test_word_stimuli_2x2():
-    cells = analyze.WORDS
-    assert set(cells) == {'concrete_nouns', 'abstract_nouns', 'concrete_verbs', 'abstract_verbs'}
-    words = [w for ws in cells.values() for w in ws]
-    assert all(len(ws) >= 40 for ws in cells.values())
-    assert len(set(words)) == len(words)  # no word in two cells
-    assert {len(ws) for ws in cells.values()} == {len(cells['concrete_nouns'])}  # balanced
-    lengths = [np.mean([len(w) for w in ws]) for ws in cells.values()]
-    assert max(lengths) - min(lengths) < 1.5  # letters, roughly matched
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
-    tokens = [np.mean([len(enc.encode_ordinary(w)) for w in ws]) for ws in cells.values()]
-    assert max(tokens) - min(tokens) < 0.3  # what the model sees, matched
-
-def test_sentiment_stimuli_paired():
-    s = analyze.sentiment_stimuli(1337)
-    assert len(s['positive']) == len(s['negative']) >= 200
-    assert len(set(s['positive'])) == len(s['positive'])
-    for p, n in zip(s['positive'], s['negative']):
-        diff = [(a, b) for a, b in zip(p.split(), n.split()) if a != b]
-        assert len(p.split()) == len(n.split()) and len(diff) == 1  # only the adjective differs
-
-def test_stimuli_reproducible_from_seed():
-    assert analyze.builtin_stimuli(7) == analyze.builtin_stimuli(7)
-    assert analyze.builtin_stimuli(7)['sentences'] != analyze.builtin_stimuli(8)['sentences']
-    assert analyze.builtin_stimuli(7)['nonwords'] != analyze.builtin_stimuli(8)['nonwords']
-
-def test_every_contrast_has_its_stimuli():
-    stim = analyze.builtin_stimuli(1)
-    for name, ((la, ca), (lb, cb)) in analyze.CONTRASTS.items():
-        assert all(stim[c] for c in ca + cb), name
-        assert sum(len(stim[c]) for c in ca) == sum(len(stim[c]) for c in cb), name  # balanced
-
-# -----------------------------------------------------------------------------
-# Command line and bad input
-
-def _run_main(argv, capsys):
-    """analyze.main in-process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        analyze.main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-def _assert_one_line_error(code, err, *words):
-    assert code != 0
-    assert err.startswith('error: ') and err.count('\n') == 1, err
-    assert 'Traceback' not in err
-    for w in words:
-        assert w in err, err
-
-def test_analyze_help_lists_every_key(capsys):
-    code, out, _ = _run_main(['--help'], capsys)
-    assert code == 0
-    for k, v in analyze.DEFAULTS.items():
-        assert f"--{k}={v}" in out
-
-def test_analyze_cli_usage_errors(capsys):
-    # unknown key and wrong type: one line, exit 2
-    code, _, err = _run_main(['x.pt', '--bogus=1'], capsys)
-    assert code == 2
-    _assert_one_line_error(code, err, 'bogus')
-    code, _, err = _run_main(['x.pt', '--n_shuffles=many'], capsys)
-    assert code == 2
-    _assert_one_line_error(code, err, 'n_shuffles')
-    _assert_one_line_error(*_run_main([], capsys)[::2], 'usage')
-    _assert_one_line_error(*_run_main(['x.pt', '--contrasts=language,colour'], capsys)[::2], 'colour')
-
-def test_bad_checkpoints(capsys, tmp_path):
-    import torch
-    _assert_one_line_error(*_run_main([str(tmp_path / 'missing.pt')], capsys)[::2], 'no checkpoint')
-    text = tmp_path / 'notes.txt'
-    text.write_text('not a checkpoint\n')
-    _assert_one_line_error(*_run_main([str(text)], capsys)[::2], 'not a torch checkpoint')
-    foreign = tmp_path / 'foreign.pt'
-    torch.save({'model': {}, 'config': {}}, foreign)
-    _assert_one_line_error(*_run_main([str(foreign)], capsys)[::2], 'foreign')
-    odd = tmp_path / 'odd.pt'
-    torch.save({'model_type': 'resnet'}, odd)
-    _assert_one_line_error(*_run_main([str(odd)], capsys)[::2], 'resnet')
-
-@pytest.mark.parametrize('content,words', [
-    ("label,sentence\na,hello there\nb,good bye\n", ['condition,text']),
-    ("condition,text\na,one thing\na,another thing\na,a third\n", ['exactly two', '1']),
-    ("condition,text\na,x y\na,y z\nb,u v\nb,v w\nc,w x\nc,x w\n", ['exactly two', '3']),
-    ("condition,text\na,the cat\na,the dog\nb,\nb,\n", ["'b'", '0 non-empty']),
-    ("condition,text\na,the cat\na,the dog\nb,one\n", ["'b'", '1 non-empty']),
-    ("", ['condition,text']),
-])
-def test_bad_stimuli_csv(capsys, tmp_path, content, words):
-    path = tmp_path / 'stim.csv'
-    path.write_text(content)
-    # the CSV is checked before any checkpoint is opened: a missing checkpoint does not mask it
-    _assert_one_line_error(*_run_main([str(tmp_path / 'none.pt'), f'--stimuli={path}'], capsys)[::2], *words)
-
-def test_read_stimuli_csv_ok(tmp_path):
-    path = tmp_path / 'animals.csv'
-    path.write_text('text,condition\n"Dogs bark, loudly.",animate\nStones sit.,inanimate\n'
-                    'Cats purr.,animate\n,inanimate\nRocks fall.,inanimate\n')
-    name, groups = analyze.read_stimuli_csv(str(path))
-    assert name == 'animals'
-    assert list(groups) == ['animate', 'inanimate']  # the file's order: t = animate - inanimate
-    assert groups['animate'] == ['Dogs bark, loudly.', 'Cats purr.']
-    assert groups['inanimate'] == ['Stones sit.', 'Rocks fall.']  # the empty text is skipped
-
-# -----------------------------------------------------------------------------
-# The pipeline on tiny checkpoints
-
-def _tiny_topolm(path, alpha, seed):
-    import torch
-    import topo_gpt
-    torch.manual_seed(seed)
-    args = dict(n_layer=2, n_head=2, n_embd=64, block_size=64, radius=3, alpha=alpha, seed=seed)
-    model = topo_gpt.GPT(topo_gpt.GPTConfig(**args))
-    cfg = {**topo_gpt.DEFAULTS, **args}
-    topo_gpt.save_checkpoint(str(path), model, torch.optim.AdamW(model.parameters()), 0, float('inf'), cfg)
-    return model
-
-@pytest.fixture(scope='module')
-def topolm_ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp('topolm')
-    _tiny_topolm(d / 'ckpt.pt', 2.5, 1)
-    _tiny_topolm(d / 'control.pt', 0.0, 2)
-    return d
-
-def test_unit_responses_mean_over_tokens_without_padding(topolm_ckpts):
-    import torch
-    model, info = analyze.load_model(str(topolm_ckpts / 'ckpt.pt'))
-    assert info == dict(checkpoint=str(topolm_ckpts / 'ckpt.pt'), model_type='topolm', topographic=True)
-    texts = ['The cat sat.', 'A much longer sentence than the others here.', 'Dogs bark.', 'justice']
-    r = analyze.unit_responses(model, texts, batch_size=2, log=lambda *a: None)
-    assert list(r) == ['h.0.attn', 'h.0.mlp', 'h.1.attn', 'h.1.mlp']
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
-    with torch.no_grad():
-        for i, t in enumerate(texts):
-            logits, _, maps = model(torch.tensor([enc.encode_ordinary(t)]), return_maps=True)
-            for name, m in maps.items():
-                np.testing.assert_allclose(r[name][i], m[0].mean(0).numpy(), rtol=1e-5, atol=1e-6)
-    assert logits.shape[1] == len(enc.encode_ordinary(texts[-1]))  # the head is whole again afterwards
-
-def test_pipeline_topolm_with_control(topolm_ckpts, capsys):
-    out = topolm_ckpts / 'analysis'
-    code, stdout, err = _run_main([str(topolm_ckpts / 'ckpt.pt'), f'--control={topolm_ckpts / "control.pt"}',
-                                   '--n_shuffles=2'], capsys)
+    assert '2 process(es) of 2 x 4 sequences, 512 tokens per iteration' in p.stdout and 'step 4' in p.stdout
+    code, out, err = cli(topo_gpt.main, ['--resume', f'--out_dir={tmp_path}', '--max_iters=6'], capsys)
     assert code == 0, err
-    for name in analyze.CONTRASTS:
-        assert (out / f'{name}.png').stat().st_size > 1000
-        assert f"{name}: mean Moran's I topo" in stdout  # the one-line summary per contrast
-    assert (out / 'correlation_distance.png').exists()
-    m = json.loads((out / 'metrics.json').read_text())
-    assert m['model']['topographic'] and not m['control']['topographic']
-    assert m['model']['grid'] == [8, 8] and m['model']['maps'] == ['h.0.attn', 'h.0.mlp', 'h.1.attn', 'h.1.mlp']
-    lang = m['model']['contrasts']['language']
-    assert lang['conditions'] == ['sentences', 'nonwords'] and lang['n_stimuli'][0] >= 200
-    v = lang['maps']['h.0.attn']
-    for key in ('morans_i', 'morans_i_null', 'percent_selective', 'percent_selective_null', 'patches',
-                'n_patches', 'n_patches_null', 'largest_patch', 'n_patches_scattered', 'largest_patch_scattered'):
-        assert key in v
-    assert set(v['morans_i_null']) == {'mean', 'sd'} and set(v['patches']) == {'positive', 'negative'}
-    assert -1 <= v['morans_i'] <= 1 and 0 <= v['percent_selective'] <= 100
-    comp = m['comparison']['language']
-    assert comp['ratio'] == pytest.approx(comp['mean_morans_i'][0] / comp['mean_morans_i'][1])
-    assert comp['difference'] == pytest.approx(comp['mean_morans_i'][0] - comp['mean_morans_i'][1])
-    assert len(m['model']['correlation_profile']['h.1.mlp']['distance']) == 7
+    assert '1 process(es) of 4 x 4 sequences, 512 tokens per iteration' in out
+    # a usage error under torchrun is printed once, not once per process
+    p = run_script(torchrun + ['--batch_size=0'])
+    assert p.returncode != 0 and p.stderr.count('error: --batch_size=0') == 1, p.stderr[-2000:]
 
-def test_pipeline_fwhm_and_own_stimuli(topolm_ckpts, capsys, tmp_path):
-    csv_path = tmp_path / 'animacy.csv'
-    rows = ['condition,text'] + [f'animate,{w}' for w in 'dog cat horse farmer child bird'.split()] \
-        + [f'inanimate,{w}' for w in 'stone table cup rock chair spoon'.split()]
-    csv_path.write_text('\n'.join(rows) + '\n')
-    code, stdout, err = _run_main([str(topolm_ckpts / 'ckpt.pt'), f'--stimuli={csv_path}', '--fwhm=2',
-                                   f'--out_dir={tmp_path / "out"}', '--n_shuffles=1'], capsys)
-    assert code == 0, err
-    assert (tmp_path / 'out' / 'animacy.png').exists()
-    m = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
-    assert list(m['model']['contrasts']) == ['animacy'] and m['config']['fwhm'] == 2.0
-    assert m['model']['contrasts']['animacy']['conditions'] == ['animate', 'inanimate']
-    assert 'smoothed with FWHM 2 grid units' in stdout  # labelled, also in the figures' titles
+def test_topolm_command_line(tiny_data, tmp_path):
+    # the script itself, once: a run, --help with what every key does, and a bad key as one line
+    p = run_script(['topo_gpt.py', *gpt_run(tiny_data, tmp_path, '--max_iters=1')])
+    assert p.returncode == 0 and 'saved' in p.stdout, p.stderr
+    p = run_script(['topo_gpt.py', '--help'])
+    assert p.returncode == 0
+    for key, (check, what) in topo_gpt.DEFAULT_NOTES.items():
+        assert f'--{key}={topo_gpt.DEFAULTS[key]}' in p.stdout and what in p.stdout
+    assert '--preset=paper:' in p.stdout
+    p = run_script(['topo_gpt.py', '--learning_rate=-1'])
+    assert_one_line_error(p.returncode, p.stderr, '--learning_rate=-1.0: must be > 0')
 
-def test_analyze_cli_subprocess(topolm_ckpts, tmp_path):
-    # the script as a user runs it: exit code 0, files written; and a bad file: one line, exit != 0
-    cmd = [sys.executable, os.path.join(ROOT, 'analyze.py'), str(topolm_ckpts / 'ckpt.pt'),
-           '--contrasts=noun_verb_abstract', '--n_shuffles=1', f'--out_dir={tmp_path}']
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert p.returncode == 0, p.stderr
-    assert (tmp_path / 'noun_verb_abstract.png').exists() and (tmp_path / 'metrics.json').exists()
-    p = subprocess.run(cmd[:2] + [str(tmp_path / 'metrics.json')], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
-    _assert_one_line_error(p.returncode, p.stderr, 'not a torch checkpoint')
-
-def _topoformer_or_skip():
-    if not os.path.exists(os.path.join(ROOT, 'topoformer.py')):
-        pytest.skip('topoformer.py does not exist yet')
-    try:
-        import topoformer
-        return topoformer
-    except Exception as e:  # a broken module is skipped here with its reason; its own tests fail
-        pytest.skip(f'topoformer.py cannot be imported: {e}')
-
-def test_pipeline_topoformer_with_control(tmp_path, capsys):
-    tf = _topoformer_or_skip()
-    import torch
-    for name, s in (('ckpt.pt', 0.3), ('control.pt', 1.0)):
-        torch.manual_seed(0)
-        args = dict(n_layer=1, n_head=1, n_embd=64, ffn_size=128, block_size=64, sq=s, sr=s)
-        model = tf.Topoformer(tf.TopoformerConfig(**args))
-        tf.save_checkpoint(str(tmp_path / name), model, torch.optim.AdamW(model.parameters()), 0,
-                           float('inf'), {**tf.DEFAULTS, **args})
-    code, stdout, err = _run_main([str(tmp_path / 'ckpt.pt'), f'--control={tmp_path / "control.pt"}',
-                                   '--contrasts=language,noun_verb_concrete', '--n_shuffles=1'], capsys)
-    assert code == 0, err
-    out = tmp_path / 'analysis'
-    assert (out / 'language.png').exists() and (out / 'noun_verb_concrete.png').exists()
-    m = json.loads((out / 'metrics.json').read_text())
-    assert m['model']['model_type'] == 'topoformer' and m['model']['topographic']
-    assert not m['control']['topographic']
-    assert m['model']['maps'] == ['h.0.q', 'h.0.k', 'h.0.v', 'h.0.out']
-    assert "language: mean Moran's I topo" in stdout
+def test_topolm_paper_preset_is_the_official_config():
+    # models/config/train_gpt2.yaml of the official code: 12 x 16 heads x 784, 1024 tokens, no biases,
+    # 48 x 1024 x 20 = 983,040 tokens a step, AdamW 6e-4 (0.9, 0.95), wd 0.1, clip 1, warmup 2000, min 6e-5
+    cfg, _ = topo_gpt.parse_args(['--preset=paper'], topo_gpt.DEFAULTS, topo_gpt.PRESETS, '', topo_gpt.DEFAULT_NOTES)
+    official = dict(n_layer=12, n_head=16, n_embd=784, block_size=1024, bias=False, dropout=0.0, batch_size=48,
+                    gradient_accumulation_steps=20, learning_rate=6e-4, beta1=0.9, beta2=0.95, weight_decay=0.1,
+                    grad_clip=1.0, warmup_iters=2000, min_lr=6e-5, alpha=2.5, radius=5, n_neighborhoods=5,
+                    residual_maps=False)
+    assert {k: cfg[k] for k in official} == official
+    assert cfg['batch_size'] * cfg['block_size'] * cfg['gradient_accumulation_steps'] == 983_040
 
 # -----------------------------------------------------------------------------
 # topoformer.py
-
-
 
 def tf_tiny_config(**kw):
     args = dict(n_layer=2, n_head=1, n_embd=64, ffn_size=128, block_size=32, dropout=0.0, sq=0.3, sr=0.3)
     return TopoformerConfig(**{**args, **kw})
 
-
-def tf_write_bins(root, name='tiny', n=20000, seed=0):
+@pytest.fixture(scope='session')
+def mlm_data(tmp_path_factory):
     """A token file MLM can learn from: sentences drawn from a small vocabulary, EOT between them."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     words = rng.choice(50000, size=40, replace=False)
     toks = []
-    while len(toks) < n:
+    while len(toks) < 20000:
         toks += list(rng.choice(words, size=rng.integers(5, 15))) + [tf.EOT_ID]
-    d = os.path.join(root, name)
-    os.makedirs(d, exist_ok=True)
-    arr = np.array(toks[:n], dtype=np.uint16)
-    arr[: n * 9 // 10].tofile(os.path.join(d, 'train.bin'))
-    arr[n * 9 // 10:].tofile(os.path.join(d, 'val.bin'))
-    return str(root)
+    d = tmp_path_factory.mktemp('mlm')
+    write_dataset(d / 'tiny', toks[:20000])
+    return str(d)
 
+TF_TINY_CLI = ['--n_layer=2', '--n_embd=64', '--ffn_size=128', '--block_size=32', '--batch_size=4', '--eval_iters=2',
+               '--warmup_iters=2', '--log_interval=100', '--dtype=float32']
 
 def write_imdb(root, n_train=120, n_test=50, seed=0):
     """The aclImdb layout, with reviews that are plainly positive or negative."""
@@ -1156,16 +628,6 @@ def write_imdb(root, n_train=120, n_test=50, seed=0):
                     f.write(' '.join(w) + '<br /><br />')
     return str(root)
 
-
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'topoformer.py'), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
-
-
-# -----------------------------------------------------------------------------
-# spatial geometry
-
 def test_disc_masks_are_symmetric_and_cover_their_fraction():
     for side, tol in ((16, 0.035), (20, 0.01), (28, 0.015), (40, 0.005)):  # lattice rounding, shrinking
         for frac in (0.1, 0.3):
@@ -1180,7 +642,6 @@ def test_disc_masks_are_symmetric_and_cover_their_fraction():
             assert torch.equal(flat, flat.t())
             # on the flat grid the discs of edge units are cut: less coverage, never more
             assert flat.sum(1).max() <= M.sum(1)[0] and flat.sum(1).min() < M.sum(1)[0]
-
 
 def test_torus_and_flat_distances_on_a_4x4_grid_by_hand():
     # units at (row, col) / 4; unit 3 = (0, 3), unit 12 = (3, 0), unit 15 = (3, 3), unit 5 = (1, 1)
@@ -1198,54 +659,50 @@ def test_torus_and_flat_distances_on_a_4x4_grid_by_hand():
     assert sorted(torch.nonzero(flat[0]).flatten().tolist()) == [0, 1, 4]
     assert sorted(torch.nonzero(flat[5]).flatten().tolist()) == [1, 4, 5, 6, 9]
 
-
 def test_topoformer_positions_are_the_integer_lattice():
     model = Topoformer(tf_tiny_config())
     assert model.map_names[:4] == ['h.0.q', 'h.0.k', 'h.0.v', 'h.0.out']
     pos = model.positions('h.1.out')
     assert pos.shape == (64, 2) and pos.dtype == torch.float32
-    assert torch.equal(pos, pos.round())
     assert sorted(map(tuple, pos.long().tolist())) == [(r, c) for r in range(8) for c in range(8)]
     with pytest.raises(ValueError):
         model.positions('h.2.q')
 
-
-# -----------------------------------------------------------------------------
-# spatial querying, spatial reweighting, the control
-
-def literal_attention(attn, x):
-    """The paper's equations, written out: q' = q M, softmax(q' k^T / sqrt(D)) v, (W_o * mask)."""
+def official_attention(attn, x):
+    """The official BERT's attention component, written out in float64 from its code (cramming_local
+    components.py AttentionComponent, topoformer AttentionHead, LocallyConnected):
+    dense(|W_o * M_sr| y + b_sr),  y = softmax((x W_q^T M)(x W_k^T)^T / sqrt(D)) (x W_v^T)."""
     D = x.size(-1)
-    q = x @ attn.c_q.weight.t()
+    W_q, (W_k, W_v) = attn.c_q.weight, attn.c_kv.weight.split(D)
+    q = x @ W_q.t()
     if attn.sq_matrix is not None:
         q = q @ attn.sq_matrix
-    k, v = (x @ attn.c_kv.weight.t()).split(D, dim=-1)
-    y = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D), dim=-1) @ v
-    w_o = attn.c_proj.weight
-    if attn.sr_mask is not None:
-        w_o = (w_o.abs() if attn.sr_nonneg else w_o) * attn.sr_mask
-    return y @ w_o.t()
-
+    y = torch.softmax(q @ (x @ W_k.t()).transpose(-1, -2) / math.sqrt(D), dim=-1) @ (x @ W_v.t())
+    W_o = attn.c_proj.weight if attn.sr_mask is None else (attn.c_proj.weight * attn.sr_mask).abs()
+    out = y @ W_o.t() + attn.c_proj.bias
+    return out @ attn.c_dense.weight.t() if attn.c_dense is not None else out
 
 @pytest.mark.parametrize('wrap', [True, False])
-def test_folded_spatial_querying_equals_the_literal_formula(wrap):
+def test_attention_equals_the_official_formula(wrap, monkeypatch):
     torch.manual_seed(0)
-    attn = SpatialSelfAttention(tf_tiny_config(n_embd=100, sq=0.2, sr=0.3, wrap=wrap))
-    x = torch.randn(3, 9, 100)
+    monkeypatch.setattr(torch, 'get_default_dtype', lambda: torch.float64)  # the SQ/SR masks in float64 too
+    attn = SpatialSelfAttention(tf_tiny_config(n_embd=100, sq=0.2, sr=0.3, wrap=wrap)).double()
+    with torch.no_grad():
+        attn.c_proj.bias.normal_()  # zero at init: make the bias count
+    x = torch.randn(3, 9, 100, dtype=torch.float64)
+    torch.testing.assert_close(attn(x)[0], official_attention(attn, x), atol=1e-10, rtol=1e-10)
+    # the folded SQ is the literal q @ M; M is the disc, normalised to unit Frobenius norm
     w = attn.c_q.weight
-    folded = F.linear(x, attn.fold_queries(w))
-    literal = (x @ w.t()) @ attn.sq_matrix
-    torch.testing.assert_close(folded, literal, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(attn(x)[0], literal_attention(attn, x), atol=1e-6, rtol=1e-5)
-    # M is the disc, normalised to unit Frobenius norm
-    M = attn.sq_matrix
-    assert M.norm().item() == pytest.approx(1.0, abs=1e-5)
-    assert torch.equal(M > 0, tf.disc_mask(10, 0.2, wrap) > 0)
-
+    torch.testing.assert_close(F.linear(x, attn.fold_queries(w)), (x @ w.t()) @ attn.sq_matrix)
+    assert attn.sq_matrix.norm().item() == pytest.approx(1.0)
+    assert torch.equal(attn.sq_matrix > 0, tf.disc_mask(10, 0.2, wrap) > 0)
+    # without the dense layer (the 1-layer sentiment model), SR's output is added as it is
+    bare = SpatialSelfAttention(tf_tiny_config(n_embd=100, dense_proj=False)).double()
+    assert bare.c_dense is None
+    torch.testing.assert_close(bare(x)[0], official_attention(bare, x), atol=1e-10, rtol=1e-10)
 
 def test_spatial_querying_pools_queries_locally():
     # a query that is one unit's impulse becomes, after pooling, nonzero exactly on that unit's disc
-    torch.manual_seed(0)
     attn = SpatialSelfAttention(tf_tiny_config(n_embd=256, sq=0.1))
     with torch.no_grad():
         attn.c_q.weight.copy_(torch.eye(256))
@@ -1254,17 +711,14 @@ def test_spatial_querying_pools_queries_locally():
     pooled = F.linear(x, attn.fold_queries(attn.c_q.weight))[0, 0]
     assert torch.equal(pooled.abs() > 1e-6, tf.disc_mask(16, 0.1)[37] > 0)
 
-
 @pytest.mark.parametrize('nonneg', [False, True])
 def test_masked_sr_weights_get_zero_gradient_and_stay_zero(nonneg):
     torch.manual_seed(0)
     model = Topoformer(tf_tiny_config(sr_nonneg=nonneg))
     opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.98), 'cpu')
-    idx = torch.randint(0, 50257, (4, 32))
-    inp, targets = tf.mask_tokens(idx)
+    inp, targets = tf.mask_tokens(torch.randint(0, 50256, (4, 32)))
     for _ in range(3):
-        _, loss = model(inp, targets)
-        loss.backward()
+        model(inp, targets)[1].backward()
         for block in model.transformer.h:
             off = block.attn.sr_mask == 0
             assert off.float().mean() > 0.5
@@ -1278,51 +732,44 @@ def test_masked_sr_weights_get_zero_gradient_and_stay_zero(nonneg):
         attn = model.transformer.h[0].attn
         x = torch.randn(1, 5, 64)
         out = attn(x)[0]
-        torch.testing.assert_close(out, literal_attention(attn, x))
         with torch.no_grad():
             attn.c_proj.weight.neg_()
         torch.testing.assert_close(attn(x)[0], out)
 
-
 def test_control_is_plain_multihead_attention():
+    # sq = sr = 1: plain queries, a dense signed projection; SR and the dense layer compose into
+    # MultiheadAttention's one output projection (W_dense W_o, W_dense b_o)
     torch.manual_seed(0)
-    attn = SpatialSelfAttention(tf_tiny_config(sq=1.0, sr=1.0))
-    assert attn.sq_matrix is None and attn.sr_mask is None
-    mha = nn.MultiheadAttention(64, 1, bias=False, batch_first=True)
-    with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.cat([attn.c_q.weight, attn.c_kv.weight]))
-        mha.out_proj.weight.copy_(attn.c_proj.weight)
-    x = torch.randn(2, 10, 64)
-    torch.testing.assert_close(attn(x)[0], mha(x, x, x, need_weights=False)[0], atol=1e-6, rtol=1e-5)
-    # with more heads too
-    attn4 = SpatialSelfAttention(tf_tiny_config(sq=1.0, sr=1.0, n_head=4))
-    mha4 = nn.MultiheadAttention(64, 4, bias=False, batch_first=True)
-    with torch.no_grad():
-        mha4.in_proj_weight.copy_(torch.cat([attn4.c_q.weight, attn4.c_kv.weight]))
-        mha4.out_proj.weight.copy_(attn4.c_proj.weight)
-    torch.testing.assert_close(attn4(x)[0], mha4(x, x, x, need_weights=False)[0], atol=1e-6, rtol=1e-5)
-    # and the control's output projection is dense: no weight is zero
+    for n_head in (1, 4):
+        attn = SpatialSelfAttention(tf_tiny_config(sq=1.0, sr=1.0, n_head=n_head))
+        assert attn.sq_matrix is None and attn.sr_mask is None
+        mha = nn.MultiheadAttention(64, n_head, bias=True, batch_first=True)
+        with torch.no_grad():
+            attn.c_proj.bias.normal_()
+            mha.in_proj_weight.copy_(torch.cat([attn.c_q.weight, attn.c_kv.weight]))
+            mha.in_proj_bias.zero_()
+            mha.out_proj.weight.copy_(attn.c_dense.weight @ attn.c_proj.weight)
+            mha.out_proj.bias.copy_(attn.c_dense.weight @ attn.c_proj.bias)
+        x = torch.randn(2, 10, 64)
+        torch.testing.assert_close(attn(x)[0], mha(x, x, x, need_weights=False)[0], atol=1e-6, rtol=1e-5)
     assert torch.all(Topoformer(tf_tiny_config(sq=1.0, sr=1.0)).transformer.h[0].attn.c_proj.weight != 0)
-
 
 def test_topoformer_return_maps():
     torch.manual_seed(0)
     model = Topoformer(tf_tiny_config()).eval()
-    idx = torch.randint(0, 50257, (3, 12))
+    idx = torch.randint(0, 50256, (3, 12))
     logits, loss, maps = model(idx, return_maps=True)
     assert loss is None and logits.shape == (3, 12, 50304)
     assert list(maps) == [f'h.{l}.{s}' for l in range(2) for s in ('q', 'k', 'v', 'out')]
     assert all(m.shape == (3, 12, 64) for m in maps.values())
-    # the query map is the queries before pooling; the pooled ones feed the scores
-    x = model.transformer.h[0].ln_1(model.transformer.wte(idx) + model.transformer.wpe(torch.arange(12)))
-    torch.testing.assert_close(maps['h.0.q'], x @ model.transformer.h[0].attn.c_q.weight.t())
+    # q is the queries before pooling; out is SR's output, before the dense layer (the official hook point)
+    block = model.transformer.h[0]
+    x = block.ln_1(model.transformer.wte(idx) + model.transformer.wpe(torch.arange(12)))
+    torch.testing.assert_close(maps['h.0.q'], x @ block.attn.c_q.weight.t())
+    torch.testing.assert_close(block.attn(x)[0], block.attn.c_dense(maps['h.0.out']))
     torch.testing.assert_close(model(idx)[0], logits)
 
-
-# -----------------------------------------------------------------------------
-# masked language modelling
-
-def test_mlm_masking_statistics():
+def test_mlm_masking_statistics_and_special_tokens():
     g = torch.Generator().manual_seed(0)
     x = torch.full((400, 500), 1234)
     inp, targets = tf.mask_tokens(x, g)
@@ -1335,20 +782,24 @@ def test_mlm_masking_statistics():
     kept = (inp[picked] == 1234).sum().item() / n
     rand = inp[picked][(inp[picked] != tf.MASK_ID) & (inp[picked] != 1234)]
     assert abs(masked - 0.8) < 0.01 and abs(kept - 0.1) < 0.01 and abs(len(rand) / n - 0.1) < 0.01
-    assert rand.min() >= 0 and rand.max() < tf.N_TOKENS  # random replacements are real GPT-2 tokens
-    assert len(rand.unique()) > 1000
-    # the special ids sit in the padded part of the vocabulary
-    assert tf.N_TOKENS <= tf.MASK_ID < 50304 and tf.N_TOKENS <= tf.PAD_ID < 50304 and tf.MASK_ID != tf.PAD_ID
-    # a tiny batch still has a target
-    _, t = tf.mask_tokens(torch.zeros(1, 2, dtype=torch.long), torch.Generator().manual_seed(3))
-    assert (t != tf.IGNORE_INDEX).sum() >= 1
-
+    assert rand.min() >= 0 and rand.max() < tf.EOT_ID and len(rand.unique()) > 1000  # real tokens
+    assert tf.EOT_ID < tf.MASK_ID < 50304 and tf.EOT_ID < tf.PAD_ID < 50304 and tf.MASK_ID != tf.PAD_ID
+    # end-of-text and [PAD] are never picked, as in the official masking, however many there are
+    x = torch.randint(0, 50256, (300, 200))
+    x[:, ::3] = tf.EOT_ID
+    x[:, 1::7] = tf.PAD_ID
+    special = (x == tf.EOT_ID) | (x == tf.PAD_ID)
+    inp, targets = tf.mask_tokens(x, g)
+    assert torch.all(targets[special] == tf.IGNORE_INDEX) and torch.equal(inp[special], x[special])
+    assert abs((targets[~special] != tf.IGNORE_INDEX).float().mean().item() - 0.15) < 0.01
+    # a tiny batch still has a target, and not a special token
+    _, t = tf.mask_tokens(torch.tensor([[tf.EOT_ID, 7]]), torch.Generator().manual_seed(3))
+    assert t.tolist() == [[tf.IGNORE_INDEX, 7]]
 
 def test_mlm_loss_is_on_the_masked_positions_only():
     torch.manual_seed(0)
     model = Topoformer(tf_tiny_config()).eval()
-    idx = torch.randint(0, 50257, (2, 16))
-    inp, targets = tf.mask_tokens(idx, torch.Generator().manual_seed(1))
+    inp, targets = tf.mask_tokens(torch.randint(0, 50256, (2, 16)), torch.Generator().manual_seed(1))
     logits, loss = model(inp, targets)
     picked = targets != tf.IGNORE_INDEX
     assert logits.shape == (picked.sum().item(), 50304)
@@ -1356,56 +807,44 @@ def test_mlm_loss_is_on_the_masked_positions_only():
     torch.testing.assert_close(logits, full[picked])
     torch.testing.assert_close(loss, F.cross_entropy(full.view(-1, 50304), targets.view(-1), ignore_index=-100))
 
-
-def test_a_few_dozen_mlm_steps_lower_the_loss(tmp_path, capsys):
-    data = tf_write_bins(tmp_path / 'data')
-    tf.main([f'--data_dir={data}', '--dataset=tiny', f'--out_dir={tmp_path / "out"}', '--n_layer=2',
-             '--n_embd=64', '--ffn_size=128', '--block_size=32', '--batch_size=16', '--max_iters=40',
-             '--eval_interval=40', '--eval_iters=4', '--warmup_iters=5', '--learning_rate=3e-3',
-             '--log_interval=40'])
-    out = capsys.readouterr().out
-    vals = [float(line.split('val masked-token loss ')[1].split()[0].rstrip(','))
-            for line in out.splitlines() if line.startswith('step')]
+def test_a_few_dozen_mlm_steps_lower_the_loss(mlm_data, tmp_path, capsys):
+    code, out, err = cli(tf.main, [*TF_TINY_CLI, f'--data_dir={mlm_data}', '--dataset=tiny', f'--out_dir={tmp_path}',
+                                   '--batch_size=16', '--max_iters=40', '--eval_interval=40', '--eval_iters=4',
+                                   '--warmup_iters=5', '--learning_rate=3e-3'], capsys)
+    assert code == 0, err
+    vals = [float(l.split('val masked-token loss ')[1]) for l in out.splitlines() if l.startswith('step')]
     assert vals[0] > 10 and vals[-1] < vals[0] - 3, out
 
-
-# -----------------------------------------------------------------------------
-# sentiment
-
 def test_sentiment_beats_chance_on_a_separable_set(tmp_path, capsys):
+    gpt2()
     imdb = write_imdb(tmp_path / 'aclImdb')
-    tf.main(['--task=sentiment', f'--imdb_dir={imdb}', f'--out_dir={tmp_path / "out"}', '--n_embd=64',
-             '--ffn_size=128', '--block_size=48', '--batch_size=16', '--max_iters=40', '--eval_interval=40',
-             '--eval_iters=2', '--warmup_iters=5', '--learning_rate=3e-3', '--log_interval=40'])
-    out = capsys.readouterr().out
+    code, out, err = cli(tf.main, ['--task=sentiment', f'--imdb_dir={imdb}', f'--out_dir={tmp_path / "out"}',
+                                   '--n_embd=64', '--ffn_size=128', '--block_size=48', '--batch_size=16',
+                                   '--max_iters=40', '--eval_interval=40', '--eval_iters=2', '--warmup_iters=5',
+                                   '--learning_rate=3e-3', '--log_interval=40', '--dtype=float32'], capsys)
+    assert code == 0, err
     line = [l for l in out.splitlines() if l.startswith('test accuracy')][0]
-    assert line.endswith('on 100 reviews')
-    assert float(line.split()[2]) >= 0.85, out
+    assert line.endswith('on 100 reviews') and float(line.split()[2]) >= 0.85, out
     model = Topoformer.from_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'))
     assert model.config.n_class == 2 and model.config.n_layer == 1 and model.config.sq == 0.1
-
+    assert not model.config.dense_proj  # the official 1-layer model has no dense layer after SR
 
 def test_padding_does_not_change_the_classification():
     torch.manual_seed(0)
     model = Topoformer(tf_tiny_config(n_class=2)).eval()
-    review = torch.randint(0, 50257, (1, 10))
+    review = torch.randint(0, 50256, (1, 10))
     padded = torch.cat([review, torch.full((1, 7), tf.PAD_ID)], dim=1)
     torch.testing.assert_close(model(review)[0], model(padded)[0], atol=1e-5, rtol=1e-5)
-
-
-# -----------------------------------------------------------------------------
-# checkpoints, resume, CLI
 
 def test_topoformer_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = Topoformer(tf_tiny_config(wrap=False, sq=0.2, dropout=0.1))
     opt = model.configure_optimizers(0.01, 1e-3, (0.9, 0.98), 'cpu')
-    inp, targets = tf.mask_tokens(torch.randint(0, 50257, (2, 32)))
+    inp, targets = tf.mask_tokens(torch.randint(0, 50256, (2, 32)))
     model(inp, targets)[1].backward()
     opt.step()
     path = str(tmp_path / 'ckpt.pt')
-    tf.save_checkpoint(path, model, opt, 1, 5.0, {'task': 'mlm'})
-    assert not os.path.exists(path + '.tmp')
+    tf.save_checkpoint(path, tf.checkpoint_of(model, opt, 1, 5.0, 10.0, {'task': 'mlm'}))
     ckpt = torch.load(path, weights_only=False)
     assert ckpt['model_type'] == 'topoformer' and ckpt['iter_num'] == 1
     assert {'torch', 'numpy', 'python', 'cuda'} <= set(ckpt['rng'])
@@ -1416,110 +855,419 @@ def test_topoformer_checkpoint_round_trip(tmp_path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert all(torch.equal(a[2][k], b[2][k]) for k in a[2])
 
-
-def test_topoformer_resume_is_bit_exact(tmp_path):
-    data = tf_write_bins(tmp_path / 'data')
-    common = [f'--data_dir={data}', '--dataset=tiny', '--n_layer=2', '--n_embd=64', '--ffn_size=128',
-              '--block_size=32', '--batch_size=4', '--dropout=0.1', '--eval_iters=2', '--warmup_iters=2',
-              '--lr_decay_iters=8', '--eval_interval=4', '--log_interval=100']
+def test_topoformer_resume_is_bit_exact(mlm_data, tmp_path, capsys):
+    common = [*TF_TINY_CLI, f'--data_dir={mlm_data}', '--dataset=tiny', '--dropout=0.1', '--lr_decay_iters=8',
+              '--eval_interval=4']
     a, b = tmp_path / 'a', tmp_path / 'b'
-    tf.main(common + [f'--out_dir={a}', '--max_iters=8'])
-    tf.main(common + [f'--out_dir={b}', '--max_iters=4'])
+    assert cli(tf.main, common + [f'--out_dir={a}', '--max_iters=8'], capsys)[0] == 0
+    assert cli(tf.main, common + [f'--out_dir={b}', '--max_iters=4'], capsys)[0] == 0
     halfway = torch.load(b / 'ckpt.pt', weights_only=False)
-    assert halfway['iter_num'] == 4
-    tf.main([f'--out_dir={b}', '--resume', '--max_iters=8'])
-    ca = torch.load(a / 'ckpt.pt', weights_only=False)
-    cb = torch.load(b / 'ckpt.pt', weights_only=False)
-    assert ca['iter_num'] == cb['iter_num'] == 8
-    assert ca['model'].keys() == cb['model'].keys()
+    assert cli(tf.main, [f'--out_dir={b}', '--resume', '--max_iters=8'], capsys)[0] == 0
+    ca, cb = (torch.load(p / 'ckpt.pt', weights_only=False) for p in (a, b))
+    assert ca['iter_num'] == cb['iter_num'] == 8 and ca['model'].keys() == cb['model'].keys()
     assert all(torch.equal(ca['model'][k], cb['model'][k]) for k in ca['model'])
     sa, sb = ca['optimizer']['state'], cb['optimizer']['state']
     assert all(torch.equal(sa[i]['exp_avg_sq'], sb[i]['exp_avg_sq']) for i in sa)
     assert not torch.equal(halfway['model']['transformer.h.0.attn.c_q.weight'],
                            cb['model']['transformer.h.0.attn.c_q.weight'])  # the resumed half did train
 
-
-def test_parse_args_presets_and_task_defaults():
-    cfg, _ = tf.parse_args(['--compile'])
+def test_topoformer_config_presets_and_task_defaults():
+    cfg, _ = tf.config_of(['--compile'])
     assert cfg['compile'] is True and cfg['n_embd'] == 256 and cfg['task'] == 'mlm'
-    cfg, _ = tf.parse_args(['--preset=paper', '--n_layer=2'])
-    assert (cfg['n_embd'], cfg['ffn_size'], cfg['n_layer'], cfg['sq'], cfg['sr'], cfg['grad_clip']) == \
-        (784, 3072, 2, 0.3, 0.3, 0.5)
-    cfg, _ = tf.parse_args(['--task=sentiment', '--sq=0.2'])
-    assert (cfg['n_layer'], cfg['n_embd'], cfg['sq'], cfg['sr']) == (1, 400, 0.2, 0.3)
-    cfg, _ = tf.parse_args(['--preset=classroom', '--sq=1', '--sr=1'])
+    cfg, _ = tf.config_of(['--task=sentiment', '--sq=0.2'])
+    assert (cfg['n_layer'], cfg['n_embd'], cfg['sq'], cfg['sr'], cfg['dense_proj']) == (1, 400, 0.2, 0.3, False)
+    cfg, _ = tf.config_of(['--preset=classroom', '--sq=1', '--sr=1'])
     assert cfg['sq'] == cfg['sr'] == 1.0 and cfg['max_iters'] == tf.PRESETS['classroom']['max_iters']
+    # --preset=paper is the official BERT: cramming_local arch/bert-c5_topo + train/bert-o3
+    cfg, _ = tf.config_of(['--preset=paper'])
+    official = dict(n_layer=16, n_head=1, n_embd=784, ffn_size=3072, block_size=128, sq=0.3, sr=0.3, wrap=True,
+                    dense_proj=True, dropout=0.0, learning_rate=1e-3, beta1=0.9, beta2=0.98, weight_decay=0.01,
+                    grad_clip=0.5, sr_nonneg=True)
+    assert {k: cfg[k] for k in official} == official
+    assert cfg['batch_size'] * cfg['gradient_accumulation_steps'] == 4096  # sequences per step
 
+@pytest.mark.parametrize('arg, words', BAD_CONFIG[:-3] + [
+    ('--n_embd=250', 'perfect square'), ('--sq=0', 'sq=0.0: must be in the interval (0, 1]'),
+    ('--sr=1.5', 'sr=1.5'), ('--task=translate', 'one of mlm, sentiment'), ('--ffn_size=101', 'must be even')])
+def test_topoformer_bad_config_is_one_line(arg, words, mlm_data, tmp_path, capsys):
+    code, _, err = cli(tf.main, [f'--data_dir={mlm_data}', '--dataset=tiny', f'--out_dir={tmp_path}', '--max_iters=1',
+                                 arg], capsys)
+    assert_one_line_error(code, err, words)
+    assert os.listdir(tmp_path) == []
 
-@pytest.mark.parametrize('args, message', [
-    (['--n_embd=250'], 'perfect square'),
-    (['--sq=0'], 'sq=0.0 is outside (0, 1]'),
-    (['--sr=1.5'], 'sr=1.5 is outside (0, 1]'),
-    (['--dataset=nope'], 'prepare_data.py'),
-    (['--task=sentiment', '--imdb_dir=WRONG'], 'IMDB layout'),
-    (['--n_layr=3'], "unknown config key 'n_layr'"),
-    (['--batch_size=big'], '--batch_size=big: expected'),
-    (['--task=translate'], 'unknown task'),
-    (['--preset=huge'], 'unknown preset'),
-])
-def test_topoformer_bad_input_is_one_clean_line(tmp_path, args, message):
-    if args[0] == '--task=sentiment':  # an IMDB folder without the pos/neg layout
-        os.makedirs(tmp_path / 'WRONG' / 'train')
-        args = ['--task=sentiment', f'--imdb_dir={tmp_path / "WRONG"}']
-    r = run_cli(*args, f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "out"}', cwd=tmp_path)
-    assert r.returncode != 0
-    assert 'Traceback' not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error:') and message in lines[0], r.stderr
-
-
-def test_context_overflow_and_task_mismatch_are_rejected(tmp_path):
+def test_topoformer_bad_data_and_mismatches_are_one_line(tmp_path, capsys):
+    code, _, err = cli(tf.main, [f'--data_dir={tmp_path}', '--dataset=nope'], capsys)
+    assert_one_line_error(code, err, 'prepare_data.py')
+    os.makedirs(tmp_path / 'WRONG' / 'train')  # an IMDB folder without the pos/neg layout
+    code, _, err = cli(tf.main, ['--task=sentiment', f'--imdb_dir={tmp_path / "WRONG"}'], capsys)
+    assert_one_line_error(code, err, 'IMDB layout')
     model = Topoformer(tf_tiny_config(block_size=16))
+    cfg, _ = tf.config_of(['--n_layer=2', '--n_embd=64', '--ffn_size=128', '--block_size=16'])
+    os.makedirs(tmp_path / 'out')
+    tf.save_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'),
+                       tf.checkpoint_of(model, model.configure_optimizers(0.0, 1e-3, (0.9, 0.98), 'cpu'), 0, 9.9,
+                                        None, cfg))
+    code, _, err = cli(tf.main, [f'--out_dir={tmp_path / "out"}', '--resume', '--task=sentiment'], capsys)
+    assert_one_line_error(code, err, "--task=sentiment does not fit the checkpoint's model (a masked LM)")
     with pytest.raises(ValueError, match='longer than block_size'):
         model(torch.zeros(1, 17, dtype=torch.long))
-    cfg, _ = tf.parse_args(['--n_layer=2', '--n_embd=64', '--ffn_size=128', '--block_size=16'])
-    os.makedirs(tmp_path / 'out')
-    tf.save_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'), model,
-                       model.configure_optimizers(0.0, 1e-3, (0.9, 0.98), 'cpu'), 0, 9.9, cfg)
-    r = run_cli(f'--out_dir={tmp_path / "out"}', '--resume', '--block_size=64')
-    assert r.returncode != 0 and 'Traceback' not in r.stderr
-    assert r.stderr.strip().splitlines() == [
-        "error: block_size=64 is longer than the model's context (16 tokens)"]
-    r = run_cli(f'--out_dir={tmp_path / "out"}', '--resume', '--task=sentiment')  # an MLM checkpoint
-    assert r.returncode != 0 and 'Traceback' not in r.stderr
-    assert r.stderr.strip().splitlines() == [
-        "error: --task=sentiment does not fit the checkpoint's model (a masked LM)"]
 
+def test_topoformer_bench_compares_with_the_control(capsys):
+    code, out, err = cli(tf.main, ['--bench', '--n_layer=1', '--n_embd=64', '--ffn_size=128', '--block_size=16',
+                                   '--batch_size=2', '--dtype=float32'], capsys)
+    assert code == 0, err
+    assert 'control (sq=1.0, sr=1.0)' in out and 'topoformer (sq=0.3, sr=0.3)' in out and 'GFLOP/s' in out
+    assert 0.3 < float(out.split('topoformer/control ratio: ')[1].split()[0]) < 3
 
-def test_topoformer_help_lists_every_key():
-    r = run_cli('--help')
-    assert r.returncode == 0
-    for key in tf.DEFAULTS:
-        assert f'--{key}=' in r.stdout
-    assert 'paper' in r.stdout and 'classroom' in r.stdout and '--task=sentiment sets' in r.stdout
+def test_topoformer_compile_runs_a_step(mlm_data, tmp_path, capsys):
+    code, out, err = cli(tf.main, [*TF_TINY_CLI, f'--data_dir={mlm_data}', '--dataset=tiny', f'--out_dir={tmp_path}',
+                                   '--compile', '--n_layer=1', '--max_iters=2', '--eval_interval=2', '--log_interval=1'],
+                         capsys)
+    assert code == 0, err[-3000:]
+    assert 'compiling' in out and math.isfinite(float(out.split('iter 2: loss ')[1].split(',')[0]))
 
-
-def test_bench_compares_with_the_control(tmp_path):
-    r = run_cli('--bench', '--n_layer=1', '--n_embd=64', '--ffn_size=128', '--block_size=16', '--batch_size=2',
-                cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert 'control (sq=1.0, sr=1.0)' in r.stdout and 'topoformer (sq=0.3, sr=0.3)' in r.stdout
-    ratio = float(r.stdout.split('topoformer/control ratio: ')[1].split()[0])
-    assert 0.3 < ratio < 3
-
-
-def test_topoformer_compile_runs_a_step(tmp_path, capsys):
-    data = tf_write_bins(tmp_path / 'data')
-    tf.main([f'--data_dir={data}', '--dataset=tiny', f'--out_dir={tmp_path / "out"}', '--compile',
-             '--n_layer=1', '--n_embd=64', '--ffn_size=128', '--block_size=16', '--batch_size=4',
-             '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--log_interval=1'])
-    out = capsys.readouterr().out
-    assert 'compiling' in out and 'iter 2: loss' in out
-    loss = float(out.split('iter 2: loss ')[1].split(',')[0])
-    assert math.isfinite(loss) and 5 < loss < 12
+def test_topoformer_command_line(mlm_data, tmp_path):
+    p = run_script(['topoformer.py', *TF_TINY_CLI, f'--data_dir={mlm_data}', '--dataset=tiny',
+                    f'--out_dir={tmp_path}', '--max_iters=1'])
+    assert p.returncode == 0 and 'saved' in p.stdout, p.stderr
+    p = run_script(['topoformer.py', '--help'])
+    assert p.returncode == 0 and '--task=sentiment sets:' in p.stdout and '--preset=paper:' in p.stdout
+    for key, (check, what) in tf.DEFAULT_NOTES.items():
+        assert f'--{key}={tf.DEFAULTS[key]}' in p.stdout and what in p.stdout
+    p = run_script(['topoformer.py', '--sq=0'])
+    assert_one_line_error(p.returncode, p.stderr, '--sq=0.0')
 
 # -----------------------------------------------------------------------------
-# the classroom (README, "Classroom"): the five-minute loop and the reference answers run as written
+# prepare_data.py
+
+EOT_TEXT = '<|endoftext|>'
+
+def prepare(tmp_path, capsys, *args):
+    """prepare_data.py in-process, from tmp_path (so data/ lands there): (exit code, stdout, stderr)."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        return cli(prepare_data.main, list(args), capsys, interrupted="temporary files removed")
+    finally:
+        os.chdir(cwd)
+
+def load(folder):
+    meta = json.load(open(os.path.join(folder, 'meta.json')))
+    train = np.fromfile(os.path.join(folder, 'train.bin'), dtype=np.uint16)
+    val = np.fromfile(os.path.join(folder, 'val.bin'), dtype=np.uint16)
+    return train, val, meta
+
+def assert_no_bins(folder):
+    left = os.listdir(folder) if os.path.isdir(folder) else []
+    assert not [f for f in left if f.endswith(('.bin', '.tmp', 'meta.json'))], left
+
+def test_single_file_round_trip(tmp_path, capsys):
+    enc = gpt2()
+    # unicode, CRLF, tabs, trailing spaces: all must survive byte for byte
+    text = ''.join(f"Line {i}: caf\u00e9 na\u00efve \u2014 \U0001F600\t  \r\nTo be, or not to be{i % 7}!\n\n"
+                   for i in range(300))
+    (tmp_path / 'play.txt').write_bytes(text.encode('utf-8'))
+    code, _, err = prepare(tmp_path, capsys, '--input=play.txt')
+    assert code == 0, err
+    train, val, meta = load(tmp_path / 'data' / 'play')
+    ids = enc.encode_ordinary(text)
+    k = int(len(ids) * 0.1)
+    # contiguous split: train = tokens[:-k], val = tokens[-k:] + [EOT], nothing lost or added
+    assert train.tolist() == ids[:-k] and val.tolist() == ids[-k:] + [50256]
+    assert enc.decode(train.tolist() + val.tolist()) == text + EOT_TEXT
+    assert meta['train_tokens'] == len(train) and meta['val_tokens'] == len(val)
+    assert meta['tokenizer'] == 'gpt2' and meta['eot_token'] == 50256 and meta['seed'] == 1337
+    assert meta['val_fraction'] == 0.1 and meta['source'] == 'play.txt'
+    # a second run over it says so, and the trainers accept the result
+    code, out, _ = prepare(tmp_path, capsys, '--input=play.txt')
+    assert code == 0 and 'holds a dataset already' in out
+    assert len(topo_gpt.open_split({'data_dir': str(tmp_path / 'data'), 'dataset': 'play', 'block_size': 8},
+                                   'val')) == len(val)
+
+def make_folder(tmp_path, n=20):
+    docs = {f'doc{i:02d}.txt': f"Document number {i}.\n" + "words and more words " * (i + 1) for i in range(n)}
+    folder = tmp_path / 'corpus'
+    folder.mkdir()
+    for fname, text in docs.items():
+        (folder / fname).write_text(text, encoding='utf-8')
+    (folder / 'empty.txt').write_text('')  # skipped
+    (folder / 'notes.md').write_text('not a .txt, ignored')
+    return docs
+
+def test_folder_split_by_documents_and_seed(tmp_path, capsys):
+    enc = gpt2()
+    docs = make_folder(tmp_path)
+    assert prepare(tmp_path, capsys, '--input=corpus', '--val_fraction=0.2')[0] == 0
+    train, val, meta = load(tmp_path / 'data' / 'corpus')
+    got = {}
+    for split, ids in (('train', train), ('val', val)):
+        assert ids[-1] == 50256  # every document ends with EOT
+        parts = enc.decode(ids.tolist()).split(EOT_TEXT)
+        got[split] = parts[:-1]
+        assert parts[-1] == '' and len(got[split]) == meta[f'{split}_documents'] == (ids == 50256).sum()
+    assert len(got['val']) == 4 and len(got['train']) == 16  # round(20 * 0.2)
+    assert sorted(got['train'] + got['val']) == sorted(docs.values())  # each document exactly once
+    assert got['train'] == sorted(got['train'], key=lambda t: int(t.split()[2][:-1]))  # name order
+    bins = {}
+    for out, seed in (('a', 1), ('b', 1), ('c', 2)):
+        assert prepare(tmp_path, capsys, '--input=corpus', f'--out_dir={out}', f'--seed={seed}')[0] == 0
+        bins[out] = [(tmp_path / out / 'corpus' / f).read_bytes() for f in ('train.bin', 'val.bin')]
+    assert bins['a'] == bins['b'] != bins['c']
+    # three documents: round(3 * 0.1) = 0, but val gets at least one
+    (tmp_path / 'three').mkdir()
+    for i in range(3):
+        (tmp_path / 'three' / f'{i}.txt').write_text(f'document {i} ' * 20)
+    assert prepare(tmp_path, capsys, '--input=three')[0] == 0
+    assert [load(tmp_path / 'data' / 'three')[2][k] for k in ('train_documents', 'val_documents')] == [2, 1]
+
+@pytest.mark.parametrize('source', ['synthetic', 'shakespeare'])
+def test_pieces_encode_like_the_whole(source):
+    enc = gpt2()
+    # "\n\n " is one pre-token before a word: cutting between its newlines would change the tokens
+    text = (open(needs_shared(SHAKESPEARE), encoding='utf-8').read()[:300_000] if source == 'shakespeare'
+            else ''.join(f"Paragraph {i} ends.\n\n  Then\tanother \n\n\n" for i in range(5000)))
+    parts = list(prepare_data.pieces(text, size=2000))
+    assert len(parts) > 50 and ''.join(parts) == text
+    assert [t for p in parts for t in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
+
+def test_ctrl_c_while_tokenizing_leaves_no_files(tmp_path, capsys):
+    gpt2()
+    def docs():
+        yield 'train', 'some text ' * 100
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the work
+        yield 'train', 'never reached'
+    (tmp_path / 'out').mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data.write_bins(docs(), str(tmp_path / 'out'), {})
+    assert os.listdir(tmp_path / 'out') == []
+
+def test_ctrl_c_during_the_switch_leaves_the_new_dataset_whole(tmp_path, capsys, monkeypatch):
+    gpt2()
+    (tmp_path / 'old.txt').write_text('An old corpus of some length. ' * 300)
+    (tmp_path / 'new.txt').write_text('The new corpus, different and longer! ' * 700)
+    assert prepare(tmp_path, capsys, '--input=old.txt', '--name=c')[0] == 0
+    real_replace = os.replace
+    def replace_then_ctrl_c(a, b):  # the interrupt lands between the two renames
+        real_replace(a, b)
+        if b.endswith('train.bin'):
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(os, 'replace', replace_then_ctrl_c)
+    code, _, err = prepare(tmp_path, capsys, '--input=new.txt', '--name=c')
+    assert_one_line_error(code, err, 'interrupted', exit_code=130)
+    monkeypatch.setattr(os, 'replace', real_replace)
+    train, val, meta = load(tmp_path / 'data' / 'c')  # the switch was finished: the new dataset, whole
+    assert meta['source'] == 'new.txt' and (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens'])
+    assert sorted(os.listdir(tmp_path / 'data' / 'c')) == ['meta.json', 'train.bin', 'val.bin']
+
+def test_a_crash_during_the_switch_leaves_a_dataset_the_trainers_refuse(tmp_path, capsys, monkeypatch):
+    gpt2()
+    (tmp_path / 'old.txt').write_text('An old corpus of some length. ' * 300)
+    (tmp_path / 'new.txt').write_text('The new corpus, different and longer! ' * 700)
+    assert prepare(tmp_path, capsys, '--input=old.txt', '--name=c')[0] == 0
+    real_replace = os.replace
+    def replace_then_die(a, b):  # the process dies between the renames (kill -9, a power cut)
+        real_replace(a, b)
+        if b.endswith('train.bin'):
+            raise SystemExit(137)
+    monkeypatch.setattr(os, 'replace', replace_then_die)
+    with pytest.raises(SystemExit):
+        prepare_data.main(['--input=' + str(tmp_path / 'new.txt'), '--name=c', f'--out_dir={tmp_path / "data"}'])
+    monkeypatch.setattr(os, 'replace', real_replace)
+    for main in (topo_gpt.main, tf.main):  # new train.bin beside the old val.bin: refused, never trained on
+        code, _, err = cli(main, [f'--data_dir={tmp_path / "data"}', '--dataset=c', f'--out_dir={tmp_path / "o"}'],
+                           capsys)
+        assert_one_line_error(code, err, 'no complete meta.json', 'prepare_data.py')
+
+@pytest.mark.parametrize('setup, args, words', [
+    (None, ['--input=nowhere.txt'], ['no such file or folder', 'nowhere.txt']),
+    ('empty_file', ['--input=empty.txt'], ['no text', 'empty.txt']),
+    ('empty_folder', ['--input=folder'], ['no text', 'folder']),
+    ('empty_txts', ['--input=folder'], ['no text']),
+    ('tiny', ['--input=tiny.txt'], ['too small']),
+    ('latin1', ['--input=folder'], ['not UTF-8', 'b_latin1.txt']),
+    (None, ['--bogus=1'], ["'--bogus=1'"]),
+    (None, ['shakespeare.txt'], ["'shakespeare.txt'"]),
+    (None, ['--seed=abc'], ['--seed=abc', 'int']),
+    (None, ['--seed=1.5'], ['int']),
+    (None, ['--seed=-1'], ['--seed=-1: must be >= 0']),
+    (None, ['--val_fraction=lots'], ['float']),
+    (None, ['--val_fraction=1.5'], ['val_fraction']),
+    (None, ['--max_tokens=-5'], ['max_tokens']),
+    (None, ['--input'], ['needs a value']),
+    (None, ['--dataset=wikipedia'], ['--dataset=wikipedia', 'one of']),
+    (None, ['--input=x.txt', '--dataset=imdb'], ['either']),
+    (None, ['--input=x.txt', '--max_tokens=100'], ['max_tokens']),
+    ('tiny', ['--input=tiny.txt', '--name=../escape'], ['--name=../escape', 'plain folder name']),
+    ('tiny', ['--input=tiny.txt', '--name=/tmp/abs'], ['plain folder name']),
+    ('tiny', ['--input=tiny.txt', '--out_dir=tiny.txt'], ['cannot make the folder']),
+])
+def test_prepare_bad_input_is_one_line(tmp_path, capsys, setup, args, words):
+    folder = tmp_path / 'folder'
+    folder.mkdir()
+    if setup == 'empty_file':
+        (tmp_path / 'empty.txt').write_text('')
+    if setup == 'empty_folder':
+        (folder / 'readme.md').write_text('no .txt here')
+    if setup == 'empty_txts':
+        (folder / 'a.txt').write_text('')
+    if setup == 'tiny':
+        (tmp_path / 'tiny.txt').write_text('Hi there.')  # 3 tokens: 10% of them is none
+    if setup == 'latin1':
+        (folder / 'a_fine.txt').write_text('fine text ' * 50)
+        (folder / 'b_latin1.txt').write_bytes('caf\u00e9 au lait'.encode('latin-1'))
+    if setup in ('tiny', 'latin1'):
+        gpt2()
+    code, _, err = prepare(tmp_path, capsys, *args)
+    assert_one_line_error(code, err, *words)
+    assert not os.path.exists(tmp_path / 'data') or os.listdir(tmp_path / 'data') == []
+    assert not os.path.exists('/tmp/abs') and not os.path.exists(tmp_path / 'escape')
+
+def test_strip_gutenberg():
+    book = "THE SONNETS\r\n\r\nFrom fairest creatures we desire increase,\r\n"
+    raw = ("\ufeffThe Project Gutenberg eBook of The Complete Works of William Shakespeare\r\n"
+           "This eBook is for the use of anyone anywhere...\r\n\r\n"
+           "*** START OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***\r\n\r\n\r\n"
+           + book + "\r\n\r\n"
+           "*** END OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***\r\n"
+           "Updated editions will replace the previous one... Project Gutenberg License\r\n")
+    assert prepare_data.strip_gutenberg(raw) == book.replace('\r\n', '\n').strip() + '\n'
+    with pytest.raises(prepare_data.UsageError, match='START/END'):
+        prepare_data.strip_gutenberg("<html>Service unavailable</html>")
+
+def test_default_corpus_from_a_local_url(tmp_path, monkeypatch, capsys):
+    enc = gpt2()
+    # the no-argument run, with the Gutenberg URL pointed at a local file: download, strip, cache, tokenize
+    book = ''.join(f"Sonnet {i}\r\nShall I compare thee to a summer's day?\r\n\r\n" for i in range(100))
+    raw = tmp_path / 'pg100.txt'
+    raw.write_bytes(("header\r\n*** START OF THE PROJECT GUTENBERG EBOOK SHAKESPEARE ***\r\n" + book +
+                     "*** END OF THE PROJECT GUTENBERG EBOOK SHAKESPEARE ***\r\nlicence\r\n").encode('utf-8'))
+    monkeypatch.setattr(prepare_data, 'GUTENBERG_URL', raw.as_uri())
+    assert prepare(tmp_path, capsys)[0] == 0
+    folder = tmp_path / 'data' / 'shakespeare'
+    text = book.replace('\r\n', '\n').strip() + '\n'
+    assert (folder / 'input.txt').read_text() == text
+    assert sorted(os.listdir(folder)) == ['input.txt', 'meta.json', 'train.bin', 'val.bin']
+    train, val, meta = load(folder)
+    assert enc.decode(train.tolist() + val.tolist()) == text + EOT_TEXT and meta['source'] == raw.as_uri()
+
+@pytest.mark.parametrize('dataset', ['shakespeare', 'imdb'])
+def test_a_failed_download_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys, dataset):
+    def offline(*a, **k):
+        raise urllib.error.URLError('[Errno -2] Name or service not known')
+    monkeypatch.setattr(prepare_data.urllib.request, 'urlopen', offline)
+    code, _, err = prepare(tmp_path, capsys, f'--dataset={dataset}')
+    assert_one_line_error(code, err, 'could not download', 'no network')
+    if dataset == 'shakespeare':  # what to do instead, in full
+        assert '--input=PATH --name=shakespeare' in err and 'TIKTOKEN_CACHE_DIR' in err
+    assert not (tmp_path / 'data' / dataset).exists()
+
+def test_safe_extract(tmp_path, capsys):
+    def tar_with(names):
+        path = tmp_path / 'a.tar.gz'
+        with tarfile.open(path, 'w:gz') as tar:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = 5
+                tar.addfile(info, io.BytesIO(b'great'))
+        return str(path)
+    prepare_data.safe_extract(tar_with(['aclImdb/train/pos/0_9.txt', 'aclImdb/test/neg/1_2.txt']), str(tmp_path / 'ok'))
+    assert (tmp_path / 'ok' / 'aclImdb' / 'train' / 'pos' / '0_9.txt').read_bytes() == b'great'
+    with pytest.raises(prepare_data.UsageError, match='unsafe'):
+        prepare_data.safe_extract(tar_with(['aclImdb/x.txt', '../../evil.txt']), str(tmp_path / 'bad'))
+    assert not (tmp_path / 'evil.txt').exists() and not (tmp_path.parent / 'evil.txt').exists()
+
+def test_get_imdb_layout(tmp_path, monkeypatch, capsys):
+    def fake_download(url, path, hint):  # what the archive holds, in miniature
+        with tarfile.open(path, 'w:gz') as tar:
+            for name in ('aclImdb/train/pos/0_9.txt', 'aclImdb/train/neg/1_1.txt', 'aclImdb/test/pos/2_8.txt'):
+                info = tarfile.TarInfo(name)
+                info.size = 4
+                tar.addfile(info, io.BytesIO(b'okay'))
+    monkeypatch.setattr(prepare_data, 'download', fake_download)
+    assert prepare(tmp_path, capsys, '--dataset=imdb')[0] == 0
+    assert sorted(os.listdir(tmp_path / 'data' / 'imdb')) == ['aclImdb']  # archive and unpack.tmp gone
+    assert (tmp_path / 'data' / 'imdb' / 'aclImdb' / 'test' / 'pos' / '2_8.txt').read_text() == 'okay'
+
+@pytest.mark.parametrize('dataset, hub_path, config', [('tinystories', 'roneneldan/TinyStories', None),
+                                                       ('fineweb-edu', 'HuggingFaceFW/fineweb-edu', 'sample-10BT')])
+def test_streamed_dataset(tmp_path, monkeypatch, capsys, dataset, hub_path, config):
+    enc = gpt2()
+    calls = []
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        return ({'text': f"Story {i}: once upon a time there was a topographic map."} for i in range(10**6))
+    monkeypatch.setitem(sys.modules, 'datasets', type(sys)('datasets'))
+    sys.modules['datasets'].load_dataset = load_dataset
+    assert prepare(tmp_path, capsys, f'--dataset={dataset}', '--max_tokens=20000', '--seed=3')[0] == 0
+    assert calls == [(hub_path, config, 'train', True)]  # streamed, never the whole corpus
+    train, val, meta = load(tmp_path / 'data' / dataset)
+    assert 20000 <= len(train) + len(val) < 20000 + 30  # stops after the document that reaches --max_tokens
+    n_docs = meta['train_documents'] + meta['val_documents']
+    assert (train == 50256).sum() + (val == 50256).sum() == n_docs
+    assert 0.05 < meta['val_documents'] / n_docs < 0.15  # each document to val with p = 0.1
+    assert enc.decode(val.tolist()).split(EOT_TEXT)[0].startswith('Story ')
+
+def test_streamed_dataset_missing_package_or_network(tmp_path, monkeypatch, capsys):
+    gpt2()
+    monkeypatch.setitem(sys.modules, 'datasets', None)  # import fails, as on a machine without it
+    code, _, err = prepare(tmp_path, capsys, '--dataset=fineweb-edu')
+    assert_one_line_error(code, err, 'pip install datasets')
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setitem(sys.modules, 'datasets', type(sys)('datasets'))
+    sys.modules['datasets'].load_dataset = offline
+    code, _, err = prepare(tmp_path, capsys, '--dataset=fineweb-edu')
+    assert_one_line_error(code, err, 'no network', '--input')
+    assert not (tmp_path / 'data' / 'fineweb-edu').exists()
+
+def test_prepare_command_line(tmp_path):
+    # the script itself, once: the real Shakespeare (or a small text) and the trainers' check of its sizes
+    gpt2()
+    src = SHAKESPEARE if os.path.exists(SHAKESPEARE) else None
+    if src is None:
+        src = tmp_path / 'small.txt'
+        src.write_text('To be, or not to be, that is the question. ' * 2000)
+    p = run_script([os.path.join(ROOT, 'prepare_data.py'), f'--input={src}', '--name=shakespeare'], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    train, val, meta = load(tmp_path / 'data' / 'shakespeare')
+    if src == SHAKESPEARE:
+        assert meta['train_tokens'] + meta['val_tokens'] == 1_566_042 + 1  # the text's tokens + one EOT
+        assert (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens']) == (1_409_438, 156_605)
+    p = run_script([os.path.join(ROOT, 'prepare_data.py'), '--val_fraction=2'], cwd=tmp_path)
+    assert_one_line_error(p.returncode, p.stderr, '--val_fraction=2.0: must be in the interval (0, 1)')
+
+# -----------------------------------------------------------------------------
+# analyze.py
+
+#<<analyze>>
+
+# -----------------------------------------------------------------------------
+# the house: shared code that cannot drift, and a README that tells the truth
+
+# Each script is self-contained, so the training plumbing is written out in both model scripts (and the
+# config and signal handling in prepare_data.py too): these copies must stay identical, to the character.
+SHARED_CODE = {
+    'topoformer.py': ['UsageError', 'read_config_notes', 'check_value', 'parse_args', 'open_split', 'pick_device',
+                      'pick_dtype', 'setup', 'share_step', 'keep_freed_memory', 'get_lr', 'train_step', 'diverged',
+                      'signals_deferred', 'save_checkpoint', 'checkpoint_of', 'last_checkpoint', 'load_checkpoint',
+                      'set_rng_state', 'resume_config', 'writable_dir', 'command'],
+    'prepare_data.py': ['UsageError', 'read_config_notes', 'check_value', 'parse_args', 'signals_deferred', 'command'],
+}
+# written differently on purpose: what each model computes, reports and benchmarks
+DIFFERENT_BY_DESIGN = {'get_batch': 'MLM masks its batches', 'estimate_loss': 'CE + spatial loss vs loss + accuracy',
+                       'benchmark': 'spatial loss on/off vs Topoformer/control', 'main': 'the two training loops'}
+
+def test_shared_code_is_identical_in_every_copy():
+    modules = {'topoformer.py': tf, 'prepare_data.py': prepare_data}
+    for file, names in SHARED_CODE.items():
+        for name in names:
+            assert inspect.getsource(getattr(topo_gpt, name)) == inspect.getsource(getattr(modules[file], name)), \
+                f"{name} in {file} differs from topo_gpt.py's: change both copies alike"
+    # everything else the two model scripts both define is either shared above or different by design
+    def top_level(module):
+        return {n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__}
+    both = top_level(topo_gpt) & top_level(tf)
+    assert both <= set(SHARED_CODE['topoformer.py']) | set(DIFFERENT_BY_DESIGN), both - set(SHARED_CODE['topoformer.py'])
 
 README = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
 
@@ -1574,16 +1322,22 @@ def test_readme_line_ranges_point_at_the_functions():
         after = lines[b] if b < len(lines) else ''
         assert not after.strip() or indent(after) <= indent(lines[a - 1]), (path, b, name)
 
-def test_classroom_loop_runs_as_documented(tiny_data, tmp_path):
-    # the README's one-line loop, on the tiny corpus with a tiny model (the real one takes ~5 minutes)
+def test_classroom_loop_runs_as_documented(tiny_data, tmp_path, capsys, monkeypatch):
+    # the README's one-line loop, each command through its script's main, on the tiny corpus and model
+    gpt2()
     line = README.split('<!-- classroom-loop -->')[1].split('```')[1].strip().splitlines()[-1]
+    monkeypatch.chdir(tmp_path)
+    mains = {'topo_gpt.py': topo_gpt.main, 'topoformer.py': tf.main, 'analyze.py': analyze.main}
     for cmd in line.split('&&'):
-        args = cmd.split()
-        assert args[0] == 'python'
-        script = os.path.join(ROOT, args[1])
-        extra = []
-        if args[1] in ('topo_gpt.py', 'topoformer.py'):
-            extra = TINY_CLI + [f'--data_dir={tiny_data}', '--dataset=tiny', '--max_iters=6', '--eval_interval=6']
-        p = run([script, *args[2:], *extra], cwd=tmp_path)
-        assert p.returncode == 0, (cmd, p.stderr[-2000:])
-    assert "mean Moran's I topo" in p.stdout and 'control' in p.stdout
+        python, script, *args = cmd.split()
+        assert python == 'python' and script in mains
+        if script != 'analyze.py':
+            args += [*TINY_CLI, f'--data_dir={tiny_data}', '--dataset=tiny', '--max_iters=6', '--eval_interval=6']
+        code, out, err = cli(mains[script], args, capsys)
+        assert code == 0, (cmd, err[-2000:])
+    assert "Moran's I" in out and 'control' in out
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = open(os.path.join(ROOT, '.ci', 'run')).read()
+    command = 'python -m pytest -q test_topo.py'
+    assert command in README and command in ci

@@ -34,6 +34,7 @@ import json
 import pickle
 import signal
 import inspect
+import warnings
 import threading
 from collections import OrderedDict
 from contextlib import nullcontext, contextmanager
@@ -913,6 +914,8 @@ def main(argv):
     if cfg['compile']:
         if run.master:
             print("compiling the model... (about a minute on a CPU, at the first steps)")
+        # torch's compiler warns about its own internals (FutureWarning): nothing a user can act on
+        warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\._inductor')
         model = torch.compile(model)
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -46,6 +46,7 @@ import json
 import random
 import signal
 import inspect
+import warnings
 import threading
 from collections import OrderedDict
 from contextlib import nullcontext, contextmanager
@@ -517,7 +518,7 @@ def disc_mask(side, frac, wrap=True):
     Symmetric. On the flat grid the discs of units near an edge are cut off, and cover less.
     """
     r = math.sqrt(frac / math.pi)
-    return (grid_distances(side, wrap) <= r).float()
+    return (grid_distances(side, wrap) <= r).to(torch.get_default_dtype())
 
 # -----------------------------------------------------------------------------
 # Data. MLM: nanoGPT's loader, random chunks of the uint16 token files that prepare_data.py writes,
@@ -980,6 +981,8 @@ def main(argv):
     if cfg['compile']:
         if run.master:
             print("compiling the model... (about a minute on a CPU, at the first steps)")
+        # torch's compiler warns about its own internals (FutureWarning): nothing a user can act on
+        warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\._inductor')
         model = torch.compile(model)
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
