@@ -24,16 +24,16 @@ smoothness: a smooth model makes any t-map smooth), and for the selective units 
     python analyze.py out/ckpt.pt --stimuli=my_contrast.csv        # columns condition,text; 2 conditions
     python analyze.py official.pt --positions=gpt2-positions-5-5   # a published TopoLM checkpoint
 
-Contrasts (t = first condition - second), and how the null redraws their labels:
-    language            sentences - non-word strings, 12 words, in matched pairs (Fedorenko et al. 2010)  paired
-    noun_verb           "the X the Y" - "to X to Y", 4 categories each (Hauptman et al. 2024)       shuffled
-    noun_verb_words     nouns - verbs, single words (Moseley & Pulvermueller 2014, a 2 x 2 design)  shuffled
-    concrete_abstract   concrete - abstract single words                                            shuffled
-    noun_verb_concrete  concrete nouns - concrete verbs                                             shuffled
-    noun_verb_abstract  abstract nouns - abstract verbs                                             shuffled
-    sentiment           positive - negative sentences, in pairs that differ in one adjective      paired
-paired: each pair's two labels swap with probability 1/2; shuffled: the labels are permuted over all
-stimuli, group sizes kept. A --stimuli CSV is shuffled.
+Contrasts (t = first condition - second) and their nulls (how the null redraws the labels):
+    language            paired    sentences - non-word strings, 12 words, twins (Fedorenko et al. 2010)
+    noun_verb           shuffled  "the X the Y" - "to X to Y", 4 categories each (Hauptman et al. 2024)
+    noun_verb_words     shuffled  nouns - verbs, single words (Moseley & Pulvermueller 2014, 2 x 2 design)
+    concrete_abstract   shuffled  concrete - abstract single words
+    noun_verb_concrete  shuffled  concrete nouns - concrete verbs
+    noun_verb_abstract  shuffled  abstract nouns - abstract verbs
+    sentiment           paired    positive - negative sentences, pairs that differ in one adjective
+paired: the labels of each matched pair swap with probability 1/2; shuffled: the labels are permuted over
+all stimuli, group sizes kept. A --stimuli CSV is shuffled. (The official noun_verb is verbs - nouns.)
 
 Writes into out_dir: <contrast>.png (unsmoothed t-maps, layers x maps, the control's to the right,
 patches outlined), correlation_distance.png, and metrics.json:
@@ -68,6 +68,7 @@ import itertools
 from collections import OrderedDict, defaultdict, deque
 
 import numpy as np
+import torch
 
 import topo_gpt
 from topo_gpt import UsageError, command, parse_args, read_config_notes
@@ -162,26 +163,24 @@ def language_stimuli(seed, n=240):
 # chosen to be used mostly as one word class.
 NOUNS = {
     'places': """village harbour meadow suburb canyon island valley cottage castle museum library airport
-        stadium prairie lagoon glacier volcano cathedral jungle bakery tavern fortress monastery orchard""",
+        stadium prairie lagoon glacier volcano cathedral jungle bakery tavern fortress monastery orchard""".split(),
     'animals': """rabbit tiger elephant giraffe donkey zebra lion leopard camel kangaroo penguin ostrich
-        sparrow pigeon flamingo eagle turtle lizard dolphin octopus hamster panda gorilla cheetah""",
+        sparrow pigeon flamingo eagle turtle lizard dolphin octopus hamster panda gorilla cheetah""".split(),
     'objects': """sofa lamp kettle teapot wardrobe pillow cushion carpet blanket cupboard drawer candle
-        basket bucket saucepan spoon umbrella wallet mattress curtain cabinet ladder suitcase toaster""",
+        basket bucket saucepan spoon umbrella wallet mattress curtain cabinet ladder suitcase toaster""".split(),
     'foods': """pancake biscuit pizza sausage cheese yogurt muffin omelette pumpkin spinach lettuce mango
-        peach apricot avocado broccoli celery almond walnut pretzel bagel cucumber raisin cherry""",
+        peach apricot avocado broccoli celery almond walnut pretzel bagel cucumber raisin cherry""".split(),
 }
 VERBS = {
     'mouth': """chew nibble munch slurp gargle gulp lick spit suck mumble mutter whisper yawn sneeze chomp
-        gnaw devour inhale exhale stammer recite sing giggle chatter""",
+        gnaw devour inhale exhale stammer recite sing giggle chatter""".split(),
     'hand': """grab squeeze pinch knead stir scrub wipe rub fold twist grasp clutch shove tickle scratch
-        pluck polish sew knit carve sprinkle crumple unscrew unwrap""",
+        pluck unzip sew knit carve sprinkle crumple unscrew unwrap""".split(),
     'motion': """wander crawl climb swim dive jump hop leap stagger stumble hurry tiptoe wade trudge stroll
-        sprint jog glide slide limp skip roam creep scramble""",
-    'perception': """see hear listen notice observe stare gaze peek peer sniff squint glimpse overhear
-        perceive behold inspect examine eavesdrop recognise discern detect glance watch smell""",
+        sprint jog glide slither waddle saunter roam amble scramble""".split(),
+    'perception': """see hear listen notice observe stare gaze peek gawk sniff squint glimpse overhear
+        perceive behold inspect examine eavesdrop recognise discern detect glance scrutinise ogle""".split(),
 }
-NOUNS = {c: ws.split() for c, ws in NOUNS.items()}
-VERBS = {c: ws.split() for c, ws in VERBS.items()}
 
 def phrase_stimuli(seed, per_category=72):
     """
@@ -255,7 +254,8 @@ def sentiment_stimuli(seed, n=200):
 
 # Words a non-word must not be: every word used here; the two-letter English words the generator can
 # make; and every form of 3 to 7 letters that it can make and GPT-2's tokenizer holds as one whole-word
-# token, lowercase or capitalised (words, names, abbreviations: found by running through all such forms).
+# token, lowercase or capitalised, after a space or not (words, names, abbreviations: found by running
+# through all such forms once).
 _REAL_WORDS = set(' '.join(_SUBJECTS.split('|') + _PREDICATES.split('|') + _ADVERBIALS.split('|')).split())
 _REAL_WORDS |= {w for ws in WORDS.values() for w in ws}
 _REAL_WORDS |= {w for cats in (NOUNS, VERBS) for ws in cats.values() for w in ws}
@@ -265,8 +265,8 @@ bona data goto guru lava logo mana mini mono mosa nano para radi saga situ soda 
 vari visa vivo boko dana dani dino dota fifa gaga gaza gina goku kali kara kira kodi kuro lama lana lara
 liga lima lisa loki lori luna mali mama mara mari mata miko milo modi mori moto nadu nasa nato nazi nina
 nora nova palo papa paso polo rita robo roku roma romo rosa sana sara sina siri sora tara tata tina toro
-vita zika zoro amino aroma initi drama flora plaza produ promo proto akira anita asuka atari obama osaka
-osama bravo bruno plato pluto spani banana bikini potato saliva tomato vagina dakota konami kosovo latino
+vita zika zoro lago amino aroma initi drama flora plaza produ promo proto akira anita asuka atari
+obama osaka osama bravo bruno plato pluto spani banana bikini potato saliva tomato vagina dakota konami kosovo latino
 maduro makoto manila marina marino naruto nikola panama paragu safari sakura somali subaru suzuki tanaka
 stamina stimuli adinida alabama alibaba arizona florida tripoli""".split())
 
@@ -354,7 +354,8 @@ def load_model(path, positions_dir, device):
         raise UsageError(f"{path} is incomplete: it has no {' or '.join(missing) or 'model_args dict'}")
     if official and not positions_dir:
         if 'position_dir' not in args:
-            raise UsageError(f"{path} names no position_dir: give the folder of its position pickles with --positions=DIR")
+            raise UsageError(f"{path} names no position_dir: give the folder of its position pickles with "
+                             f"--positions=DIR")
         positions_dir = os.path.join(os.path.dirname(os.path.abspath(path)), args['position_dir'])
     try:
         if official:
@@ -399,15 +400,16 @@ def unit_responses(model, texts, enc, batch_size=64, device='cpu'):
     official code pads a batch and averages over the padding too; a bidirectional model would also attend
     to it.) Returns {map name: (N, C) float32}.
     """
-    import torch
     ids = [enc.encode_ordinary(t) for t in texts]
+    too_long = [i for i, x in enumerate(ids) if len(x) > model.config.block_size]
+    if too_long:
+        raise UsageError(f"{len(too_long)} stimuli, e.g. {texts[too_long[0]][:40]!r}..., have more tokens than the "
+                         f"model's block_size {model.config.block_size} (the longest {max(map(len, ids))}): "
+                         f"leave their contrast out (--contrasts=...)")
     by_length = defaultdict(list)
     for i, x in enumerate(ids):
         if not x:
             raise UsageError(f"stimulus {texts[i]!r} has no tokens")
-        if len(x) > model.config.block_size:
-            raise UsageError(f"stimulus {texts[i][:40]!r}... has {len(x)} tokens, more than the "
-                             f"model's block_size {model.config.block_size}")
         by_length[len(x)].append(i)
     out, t0, done, shown = None, time.time(), 0, time.time()
     # the logits are not needed here, and the output head (T x vocab per text) costs as much as all
@@ -641,9 +643,12 @@ def correlation_profile(responses):
 def contrast_stats(grids, ia, ib, fdr, min_size, smoothed=None):
     """
     Welch t of group ia - group ib for every unit of every map (grids: {map: (N, H, W)}), BH-FDR over
-    all units of all maps together (as the official code, over all layers). smoothed: the same grids
-    smoothed, for the smoothed read-out's Moran's I. Returns {map: dict(t, selective, morans_i,
-    morans_i_smoothed, percent_selective, percent_selective_second, patches, patch_map)}.
+    all units of all maps together (as the official code, over all layers):
+        significant = q < fdr,  percent_selective = % of units significant with t > 0 (selective for the
+        first group),  percent_selective_second = the same with t < 0
+    smoothed: the same grids smoothed, for the smoothed read-out's Moran's I. Returns {map: dict(t,
+    significant, morans_i, morans_i_smoothed, percent_selective, percent_selective_second, patches,
+    patch_map)}.
     """
     ts, ps = OrderedDict(), []
     for name, g in grids.items():
@@ -744,9 +749,8 @@ def analyze_model(model, info, suites, rows, texts, enc, cfg, device):
     rows: {condition: row indices into texts}. Returns (metrics dict, {contrast: {map: (t, patch map)}},
     {map: (distances, mean r)}).
     """
-    responses = unit_responses(model, texts, enc, cfg['batch_size'], device)
-    grids = OrderedDict((m, to_grid(r, model.positions(m).cpu().numpy())) for m, r in responses.items())
-    del responses
+    grids = OrderedDict((m, to_grid(r, model.positions(m).cpu().numpy()))  # {map: (N, H, W)}
+                        for m, r in unit_responses(model, texts, enc, cfg['batch_size'], device).items())
     # the smoothed read-out: each stimulus's map smoothed once; every draw of the null reuses them
     smoothed = OrderedDict((m, smooth(g, cfg['fwhm'])) for m, g in grids.items()) if cfg['fwhm'] > 0 else None
     H, W = next(iter(grids.values())).shape[1:]
@@ -756,7 +760,7 @@ def analyze_model(model, info, suites, rows, texts, enc, cfg, device):
         t0 = time.time()
         ia = np.concatenate([rows[c] for c in cond_a])
         ib = np.concatenate([rows[c] for c in cond_b])
-        rng = np.random.default_rng(cfg['seed'])  # per contrast: its null does not depend on the others run
+        rng = np.random.default_rng(cfg['seed'])  # seeded per contrast: the same null whichever others run
         real = contrast_stats(grids, ia, ib, cfg['fdr'], cfg['min_patch'], smoothed)
         nulls = [contrast_stats(grids, *redraw_labels(ia, ib, null, rng), cfg['fdr'], cfg['min_patch'], smoothed)
                  for _ in range(cfg['n_shuffles'])]
@@ -797,13 +801,13 @@ def plot_contrast(path, blocks, title):
     # the blocks' columns, with a narrow empty column between two blocks
     ratios = [r for i, l in enumerate(layouts) for r in ([0.25] if i else []) + [1] * l[2]]
     vmax = max(float(np.abs(t).max()) for _, tm, _ in blocks for t, _ in tm.values()) or 1.0
-    content = 2.0 * sum(ratios)  # inches of maps; plus 0.1 left, 1.0 right for the colour bar
-    width, height = max(content + 1.1, 8.0), 2.3 * n_rows + 1.0  # at least 8 inches: room for the title
-    pad = (width - content - 1.1) / 2  # centre narrow grids
+    content = 2.0 * sum(ratios)  # inches of maps; plus 0.1 left, 1.3 right for the colour bar
+    width, height = max(content + 1.4, 9.0), 2.3 * n_rows + 1.3  # at least 9 inches: room for the title
+    pad = (width - content - 1.4) / 2  # centre narrow grids
     fig = plt.figure(figsize=(width, height))
     # fixed margins: constrained/tight layout would take seconds per figure
     gs = fig.add_gridspec(n_rows, len(ratios), width_ratios=ratios, left=(0.1 + pad) / width,
-                          right=1 - (1.0 + pad) / width, bottom=0.2 / height, top=1 - 1.0 / height,
+                          right=1 - (1.3 + pad) / width, bottom=0.2 / height, top=1 - 1.3 / height,
                           wspace=0.15, hspace=0.55)
     col0 = 0
     for (label, tm, mm), (where, _, n_kinds) in zip(blocks, layouts):
@@ -822,7 +826,7 @@ def plot_contrast(path, blocks, title):
             ax.set_title(f"{label.split(':')[0] + ' ' if len(blocks) > 1 else ''}{m}\n"
                          f"Moran's I {_fmt(v['morans_i'])}{smoothed}", fontsize=8)
         col0 += n_kinds + 1
-    fig.colorbar(im, cax=fig.add_axes([1 - (0.75 + pad) / width, 0.2, 0.15 / width, 0.6]), label="Welch's t")
+    fig.colorbar(im, cax=fig.add_axes([1 - (1.05 + pad) / width, 0.2, 0.15 / width, 0.6]), label="Welch's t")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -902,14 +906,15 @@ def _difference(results, name, key):
 
 def print_legend(cfg, nulls):
     """What every column means, printed once under the tables."""
-    fwhm = f"FWHM {cfg['fwhm']:g}" if cfg['fwhm'] > 0 else "(off: --fwhm=0)"
     lines = [
         ("Moran's I", "how smooth the t-map of the contrast is on the sheet (queen neighbours, row-standardised): "
                       "about 0 for units at random places, near 1 for a smooth map"),
         ("shuffled", f"the column before it with the labels redrawn, mean ± sd of {cfg['n_shuffles']} draws: what "
-                     f"the model's smoothness alone gives. A real cluster beats it"),
-        ("smoothed I", f"Moran's I after smoothing every stimulus's response map with a Gaussian of {fwhm} grid "
-                       f"units (the paper's fMRI-like read-out); smoothing raises the shuffled value too"),
+                     f"the model's smoothness alone gives. A real cluster beats it" if cfg['n_shuffles'] else
+                     "not computed (--n_shuffles=0)"),
+        ("smoothed I", f"Moran's I after smoothing every stimulus's response map with a Gaussian of FWHM "
+                       f"{cfg['fwhm']:g} grid units (the paper's fMRI-like read-out); smoothing raises the "
+                       f"shuffled value too" if cfg['fwhm'] > 0 else "not computed (--fwhm=0)"),
         ("% selective", f"units selective for the first condition: BH-FDR q < {cfg['fdr']:g} over all units of all "
                         f"maps, and t positive; in brackets the mean of the shuffled draws"),
         ("patches", f"groups of >= {cfg['min_patch']} side-by-side (4-connected) selective units of one sign; in "
@@ -927,9 +932,10 @@ def print_summary(name, results):
     """One line per contrast: the mean Moran's I (unsmoothed, smoothed) and the % of selective units."""
     c = [r['contrasts'][name] for r in results]
     if len(c) == 1:
-        print(f"{name}: mean Moran's I {_fmt(c[0]['mean_morans_i'])} (shuffled {_fmt(c[0]['mean_morans_i_null']['mean'])}), "
-              f"smoothed {_fmt(c[0]['mean_morans_i_smoothed'])} (shuffled "
-              f"{_fmt(c[0]['mean_morans_i_smoothed_null']['mean'])}); {_fmt(c[0]['percent_selective'], '.1f')}% selective")
+        print(f"{name}: mean Moran's I {_fmt(c[0]['mean_morans_i'])} (shuffled "
+              f"{_fmt(c[0]['mean_morans_i_null']['mean'])}), smoothed {_fmt(c[0]['mean_morans_i_smoothed'])} "
+              f"(shuffled {_fmt(c[0]['mean_morans_i_smoothed_null']['mean'])}); "
+              f"{_fmt(c[0]['percent_selective'], '.1f')}% selective")
         return
     print(f"{name}: mean Moran's I {_fmt(c[0]['mean_morans_i'])} vs control {_fmt(c[1]['mean_morans_i'])}, "
           f"difference {_fmt(_difference(results, name, 'mean_morans_i'), '+.2f')}; smoothed "
@@ -1000,12 +1006,11 @@ def write_results(out, suites, results, tmaps, profiles, cfg):
     """The figures and metrics.json. Returns the metrics."""
     topo_gpt.writable_dir(out)
     labels = [f"{role}: {describe(r)}" for r, role in zip(results, ['model', 'control'])]
-    smoothing = (f"; in brackets: Moran's I of the read-out smoothed with FWHM {cfg['fwhm']:g} grid units"
-                 if cfg['fwhm'] > 0 else '')
+    smoothing = f"; in brackets: Moran's I smoothed (FWHM {cfg['fwhm']:g})" if cfg['fwhm'] > 0 else ''
     for name, *_ in suites:
         a, b = results[0]['contrasts'][name]['conditions']
         title = (f"{name}: Welch's t of {a} - {b} per unit (unsmoothed)\n"
-                 f"outlined: patches of >= {cfg['min_patch']} selective units (BH q < {cfg['fdr']:g}){smoothing}\n"
+                 f"outlined: patches (>= {cfg['min_patch']} selective units, BH q < {cfg['fdr']:g}){smoothing}\n"
                  + '   |   '.join(labels))
         blocks = [(lab, tm[name], r['contrasts'][name]['maps']) for lab, tm, r in zip(labels, tmaps, results)]
         plot_contrast(os.path.join(out, f"{name}.png"), blocks, title)
@@ -1015,7 +1020,8 @@ def write_results(out, suites, results, tmaps, profiles, cfg):
     if len(results) > 1:
         each = lambda name, key: [r['contrasts'][name][key] for r in results]
         metrics['comparison'] = OrderedDict(
-            (name, dict(mean_morans_i=each(name, 'mean_morans_i'), difference=_difference(results, name, 'mean_morans_i'),
+            (name, dict(mean_morans_i=each(name, 'mean_morans_i'),
+                        difference=_difference(results, name, 'mean_morans_i'),
                         mean_morans_i_smoothed=each(name, 'mean_morans_i_smoothed'),
                         difference_smoothed=_difference(results, name, 'mean_morans_i_smoothed'),
                         percent_selective=each(name, 'percent_selective')))
@@ -1059,4 +1065,4 @@ def main(argv):
     return metrics
 
 if __name__ == '__main__':
-    sys.exit(command(main, sys.argv[1:]))
+    sys.exit(command(main, sys.argv[1:], interrupted="out_dir may hold only some of the figures"))

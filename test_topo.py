@@ -11,6 +11,7 @@ its own command() (exit code, one-line errors); one subprocess smoke test per sc
 """
 import io
 import os
+import re
 import sys
 import json
 import math
@@ -21,6 +22,7 @@ import tarfile
 import inspect
 import subprocess
 import urllib.error
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -1239,7 +1241,658 @@ def test_prepare_command_line(tmp_path):
 # -----------------------------------------------------------------------------
 # analyze.py
 
-#<<analyze>>
+needs_official = pytest.mark.skipif(not os.path.isfile(os.path.join(OFFICIAL, 'ckpt.pt')),
+                                    reason=f"needs the official TopoLM fixture {OFFICIAL}: set TOPO_SHARED to the "
+                                           f"folder of this repo's shared test data")
+
+@pytest.fixture(scope='module')
+def enc():
+    """The GPT-2 tokenizer, or a skip that says how to get it offline."""
+    try:
+        import tiktoken
+        return tiktoken.get_encoding('gpt2')
+    except Exception as e:
+        pytest.skip(f"the GPT-2 tokenizer cannot load ({type(e).__name__}): set TIKTOKEN_CACHE_DIR to a copy of "
+                    f"tiktoken's cache")
+
+def save_topolm(path, alpha, seed, block_size=64):
+    torch.manual_seed(seed)
+    args = dict(n_layer=2, n_head=2, n_embd=64, block_size=block_size, radius=3, alpha=alpha, seed=seed)
+    model = topo_gpt.GPT(topo_gpt.GPTConfig(**args))
+    topo_gpt.save_checkpoint(str(path), topo_gpt.checkpoint_of(model, torch.optim.AdamW(model.parameters()), 0,
+                                                               float('inf'), None, {**topo_gpt.DEFAULTS, **args}))
+
+def save_topoformer(path, s):
+    torch.manual_seed(0)
+    args = dict(n_layer=1, n_head=1, n_embd=64, ffn_size=128, block_size=64, sq=s, sr=s)
+    model = tf.Topoformer(tf.TopoformerConfig(**args))
+    tf.save_checkpoint(str(path), tf.checkpoint_of(model, torch.optim.AdamW(model.parameters()), 0,
+                                                                   float('inf'), None, {**tf.DEFAULTS, **args}))
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+    """Tiny checkpoints: a TopoLM and its control, a Topoformer and its control (8 x 8 maps); a TopoLM with
+    a context too short for the language stimuli."""
+    d = tmp_path_factory.mktemp('ckpts')
+    save_topolm(d / 'topolm.pt', 2.5, 1)
+    save_topolm(d / 'topolm_short.pt', 2.5, 1, block_size=32)
+    save_topolm(d / 'topolm_control.pt', 0.0, 2)
+    save_topoformer(d / 'topoformer.pt', 0.3)
+    save_topoformer(d / 'topoformer_control.pt', 1.0)
+    return d
+
+def run_main(argv, capsys):
+    """analyze.main in-process: (metrics, stdout)."""
+    metrics = analyze.main([str(a) for a in argv])
+    return metrics, capsys.readouterr().out
+
+# -----------------------------------------------------------------------------
+# Welch's t and its p-values
+
+def test_welch_t_hand_example():
+    # a = [1, 2, 3, 4]: mean 2.5, unbiased variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3, s2_a = 5/12
+    # b = [2, 4, 6]:    mean 4,   unbiased variance (4 + 0 + 4) / 2 = 4,                  s2_b = 4/3
+    # t  = (2.5 - 4) / sqrt(5/12 + 16/12) = -1.5 / sqrt(7/4) = -1.133893
+    # df = (7/4)^2 / ((5/12)^2 / 3 + (4/3)^2 / 2) = 3.0625 / (0.0578704 + 0.8888889) = 3.234719
+    t, df = analyze.welch_t(np.array([1, 2, 3, 4.]), np.array([2, 4, 6.]))
+    assert t == pytest.approx(-1.5 / math.sqrt(7 / 4), abs=1e-12)
+    assert t == pytest.approx(-1.133893, abs=1e-6)
+    assert df == pytest.approx(3.0625 / (25 / 432 + 8 / 9), abs=1e-12)
+    assert df == pytest.approx(3.234719, abs=1e-6)
+    # per unit along axis 0, the sign follows a - b; silent units give t = 0 (not NaN)
+    a = np.stack([[1, 2, 3, 4.], [5, 5, 5, 5], [0, 0, 0, 0]], axis=1)
+    b = np.stack([[2, 4, 6.], [5, 5, 5], [0, 0, 0]], axis=1)
+    t, df = analyze.welch_t(a, b)
+    assert t[0] == pytest.approx(-1.133893, abs=1e-6) and t[1] == 0 and t[2] == 0
+    assert np.isfinite(df).all()
+
+def _t_pvalue_by_integration(t, df, n=400001):
+    """Two-sided p of Student's t by numerical integration of its density (an independent check):
+    f(x) = Gamma((v+1)/2) / (sqrt(v pi) Gamma(v/2)) (1 + x^2/v)^(-(v+1)/2), p = 1 - 2 int_0^|t| f."""
+    x = np.linspace(0, abs(t), n)
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    f = c * (1 + x**2 / df) ** (-(df + 1) / 2)
+    return 1 - 2 * np.sum((f[1:] + f[:-1]) / 2 * np.diff(x))
+
+def test_t_pvalue_table_values():
+    # two-sided critical values from the t table: p = 0.05 at t = 2.228 (df 10) and 2.086 (df 20),
+    # 0.01 at 2.845 (df 20); the Cauchy (df 1): P(|T| > 1) = 0.5 exactly; the normal limit: 1.96 -> 0.05
+    t = np.array([2.228, 2.086, 2.845, 1.0, 1.96])
+    df = np.array([10, 20, 20, 1, 1e6])
+    np.testing.assert_allclose(analyze.t_pvalue(t, df), [0.05, 0.05, 0.01, 0.5, 0.05], atol=5e-4)
+    assert analyze.t_pvalue(1.0, 1.0) == pytest.approx(0.5, abs=1e-12)
+    # df = 2 has a closed form: p = 1 - |t| / sqrt(2 + t^2)
+    ts = np.array([0.1, 0.5, 1.5, 3.0, 10.0])
+    np.testing.assert_allclose(analyze.t_pvalue(ts, 2), 1 - ts / np.sqrt(2 + ts**2), atol=1e-12)
+    # symmetric in t, 1 at t = 0, 0 at infinity, small but not 0 far out
+    assert analyze.t_pvalue(-2.228, 10) == analyze.t_pvalue(2.228, 10)
+    assert analyze.t_pvalue(0.0, 7) == 1.0 and analyze.t_pvalue(np.inf, 7) == 0.0
+    assert 0 < analyze.t_pvalue(12.0, 300) < 1e-25
+
+def test_t_pvalue_fractional_df_against_integration():
+    # Welch's df is fractional: check against the density integrated numerically, incl. the hand example
+    for t, df in [(-1.133893, 3.234719), (2.5, 7.3), (0.7, 45.6), (4.0, 2.5), (1.2, 150.2)]:
+        assert analyze.t_pvalue(t, df) == pytest.approx(_t_pvalue_by_integration(t, df), abs=1e-7)
+    # vectorised over arrays of any shape, one value per unit
+    t = np.linspace(-5, 5, 12).reshape(3, 4)
+    p = analyze.t_pvalue(t, np.full((3, 4), 12.5))
+    assert p.shape == (3, 4)
+    assert p.flat[0] == pytest.approx(_t_pvalue_by_integration(-5, 12.5), abs=1e-7)
+
+# -----------------------------------------------------------------------------
+# Benjamini-Hochberg
+
+def test_bh_fdr_worked_example():
+    # p = [0.04, 0.001, 0.03, 0.2, 0.031], m = 5. Sorted with ranks: 0.001 (1), 0.03 (2), 0.031 (3),
+    # 0.04 (4), 0.2 (5). p * m / rank: 0.005, 0.075, 0.051667, 0.05, 0.2. Running minimum from the
+    # largest rank down: 0.2, 0.05, min(0.051667, 0.05) = 0.05, min(0.075, 0.05) = 0.05, 0.005.
+    # Back in the input order: q = [0.05, 0.005, 0.05, 0.2, 0.05].
+    q = analyze.bh_fdr([0.04, 0.001, 0.03, 0.2, 0.031])
+    np.testing.assert_allclose(q, [0.05, 0.005, 0.05, 0.2, 0.05], atol=1e-12)
+    # shape kept, capped at 1, one family across all entries
+    q = analyze.bh_fdr(np.array([[0.9, 0.8], [0.01, 0.95]]))
+    assert q.shape == (2, 2) and q.max() <= 1
+    assert q[1, 0] == pytest.approx(0.04)  # 0.01 * 4 / 1
+
+# -----------------------------------------------------------------------------
+# Moran's I (queen contiguity, row-standardised weights)
+
+def _morans_i_brute_force(x):
+    """The textbook formula with an explicit N x N weight matrix: I = N / S0 * z'Wz / z'z."""
+    H, W = x.shape
+    cells = [(r, c) for r in range(H) for c in range(W)]
+    w = np.array([[1.0 if max(abs(r1 - r2), abs(c1 - c2)) == 1 else 0.0 for r2, c2 in cells] for r1, c1 in cells])
+    w /= w.sum(1, keepdims=True)
+    z = x.ravel() - x.mean()
+    return len(z) / w.sum() * z @ w @ z / (z @ z)
+
+def test_morans_i_checkerboard_hand_value():
+    # 4 x 4 checkerboard of +-1 (mean 0, sum z^2 = 16). The 4 rook neighbours of a cell have the opposite
+    # sign, the 4 diagonal ones the same sign; each cell's neighbours share weight 1 (row-standardised).
+    #   interior cell (4):  (4 diagonal - 4 rook) / 8 = 0
+    #   edge cell (8):      (2 diagonal - 3 rook) / 5 = -1/5
+    #   corner (4):         (1 diagonal - 2 rook) / 3 = -1/3
+    # I = (8 * -1/5 + 4 * -1/3) / 16 = -44/15 / 16 = -11/60. (With rook contiguity it would be -1;
+    # with queen, rook and diagonal cancel inside and only the border is left.)
+    board = (np.indices((4, 4)).sum(0) % 2) * 2 - 1.0
+    assert analyze.morans_i(board) == pytest.approx(-11 / 60, abs=1e-12)
+
+def test_morans_i_gradient_noise_and_brute_force():
+    ramp = np.add.outer(np.arange(16.0), np.zeros(16))  # a smooth gradient along the rows
+    assert analyze.morans_i(ramp) > 0.95
+    assert analyze.morans_i(np.add.outer(np.arange(16.0), np.arange(16.0))) > 0.95
+    # shuffled noise: expectation -1/(N-1) under randomisation
+    rng = np.random.default_rng(0)
+    values = [analyze.morans_i(rng.permutation(ramp.ravel()).reshape(16, 16)) for _ in range(20)]
+    assert np.mean(values) == pytest.approx(-1 / 255, abs=0.02)
+    # the shifted-sum implementation equals the explicit weight matrix, on a non-square map too
+    x = rng.standard_normal((5, 7))
+    assert analyze.morans_i(x) == pytest.approx(_morans_i_brute_force(x), abs=1e-12)
+    assert math.isnan(analyze.morans_i(np.ones((4, 4))))
+
+# -----------------------------------------------------------------------------
+# Clusters and patches
+
+def _mask(drawing):
+    return np.array([[ch == '#' for ch in line] for line in drawing.split()])
+
+def test_clusters_hand_drawn():
+    mask = _mask("""
+        ##..#
+        #...#
+        ..#..
+        .###.
+        #....""")
+    labels, sizes = analyze.clusters(mask)
+    # 4-connectivity, numbered in row-major order of their first cell; the corner cell (4, 0) touches
+    # (3, 1) only diagonally, so it is a component of its own
+    expected = np.array([[1, 1, 0, 0, 2],
+                         [1, 0, 0, 0, 2],
+                         [0, 0, 3, 0, 0],
+                         [0, 3, 3, 3, 0],
+                         [4, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(labels, expected)
+    assert sizes == [3, 2, 4, 1]
+    assert analyze.clusters(np.zeros((3, 3), bool))[1] == []
+
+def test_patches_split_by_sign_and_size():
+    t = np.zeros((8, 8))
+    t[:3, :3] = 5.0  # 9 positive units
+    t[5:, 4:] = -4.0  # 12 negative units
+    t[3, 3] = 3.0  # a lone positive unit
+    sig = t != 0
+    assert analyze.patches(t, sig, min_size=1)[0] == {'positive': [9, 1], 'negative': [12]}
+    sizes, where = analyze.patches(t, sig, min_size=10)
+    assert sizes == {'positive': [], 'negative': [12]}
+    np.testing.assert_array_equal(where, np.where(t < 0, -1, 0))  # only the big negative block
+    # a positive and a negative block side by side are two patches, not one
+    t2 = np.zeros((4, 4))
+    t2[:, :2], t2[:, 2:] = 3.0, -3.0
+    sizes, where = analyze.patches(t2, t2 != 0, min_size=8)
+    assert sizes == {'positive': [8], 'negative': [8]}
+    np.testing.assert_array_equal(where, np.sign(t2))
+    # significance decides, not the sign alone
+    assert analyze.patches(t2, np.zeros((4, 4), bool), min_size=1)[0] == {'positive': [], 'negative': []}
+
+def test_contrast_stats_finds_a_planted_patch_and_the_null_does_not():
+    # 30 + 30 stimuli on a 12 x 12 map of independent noise; the first group adds +1.5 inside a 6 x 6 square
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal((60, 12, 12))
+    g[:30, 2:8, 3:9] += 1.5
+    ia, ib = np.arange(30), np.arange(30, 60)
+    s = analyze.contrast_stats({'m': g}, ia, ib, 0.05, 25, {'m': analyze.smooth(g, 2.0)})['m']
+    assert s['significant'][2:8, 3:9].all()
+    assert len(s['patches']['positive']) == 1 and s['patches']['positive'][0] >= 36
+    assert s['patches']['negative'] == []
+    assert s['morans_i'] > 0.5 and s['morans_i_smoothed'] > s['morans_i']
+    assert s['percent_selective'] >= 100 * 36 / 144 and s['percent_selective_second'] < 2
+    a, b = analyze.redraw_labels(ia, ib, 'shuffled', rng)
+    null = analyze.contrast_stats({'m': g}, a, b, 0.05, 25)['m']
+    assert null['percent_selective'] < 5 and null['patches'] == {'positive': [], 'negative': []}
+    assert null['morans_i_smoothed'] is None  # no smoothed grids given
+
+def test_percent_selective_counts_only_q_below_fdr_and_positive_t():
+    # 40 + 40 stimuli on a 4 x 4 map. The second group's values are the first group's in reverse order,
+    # so a unit's t is exactly 0 unless something is added to one group:
+    #   (0, 0), (0, 1): +5 in the first group -> t >> 0, selective (for the first condition)
+    #   (3, 3):         +5 in the second group -> t << 0, selective for the second
+    #   (1, 1):         +0.01 in the first group -> t > 0 but far from significant
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((40, 4, 4))
+    g = np.concatenate([first, first[::-1]])
+    g[:40, 0, 0] += 5
+    g[:40, 0, 1] += 5
+    g[40:, 3, 3] += 5
+    g[:40, 1, 1] += 0.01
+    ia, ib = np.arange(40), np.arange(40, 80)
+    s = analyze.contrast_stats({'m': g}, ia, ib, 0.05, 1)['m']
+    assert s['t'][1, 1] > 0 and not s['significant'][1, 1]
+    assert s['percent_selective'] == 100 * 2 / 16
+    assert s['percent_selective_second'] == 100 * 1 / 16
+    # FDR over all units of all maps together: the same units beside a second map of 16 silent units
+    # are still selective (their q is tiny), and the share is of all 32 units
+    both = analyze.contrast_stats({'m': g, 'quiet': np.zeros_like(g)}, ia, ib, 0.05, 1)
+    assert both['m']['percent_selective'] == 100 * 2 / 16 and both['quiet']['percent_selective'] == 0
+
+# -----------------------------------------------------------------------------
+# The nulls: labels shuffled, or swapped within matched pairs
+
+def test_redraw_labels_paired_keeps_every_pair_split_and_shuffled_keeps_group_sizes():
+    rng = np.random.default_rng(0)
+    ia, ib = np.arange(50), np.arange(50, 100)
+    swaps = np.zeros(50)
+    for _ in range(200):
+        a, b = analyze.redraw_labels(ia, ib, 'paired', rng)
+        # pair i = (i, 50 + i) is always split across the groups, in one order or the other
+        assert all({x, y} == {i, 50 + i} for i, (x, y) in enumerate(zip(a, b)))
+        swaps += a != ia
+    assert np.all((swaps > 60) & (swaps < 140))  # each pair swaps about half the time (200 draws)
+    together = 0
+    for _ in range(20):
+        a, b = analyze.redraw_labels(ia, np.arange(50, 130), 'shuffled', rng)
+        assert len(a) == 50 and len(b) == 80 and sorted(np.concatenate([a, b])) == list(range(130))
+        together += sum(i in set(a) and 50 + i in set(a) for i in range(50))
+    assert together > 0  # unlike the paired null, the shuffled one puts both members of a pair in one group
+
+def test_paired_null_keeps_what_the_pairs_share():
+    # 40 pairs whose members share a strong pattern (a frame and topic), and no effect of the condition.
+    # The real split has each pair's two members in different groups, so the shared patterns cancel and t
+    # is small everywhere; the paired null keeps that, the shuffled null does not (its groups hold
+    # unequal shares of the patterns, and its t-maps spread ~6 times wider: too wide a null).
+    rng = np.random.default_rng(0)
+    shared = 2 * rng.standard_normal((40, 6, 6))
+    g = np.concatenate([shared + 0.3 * rng.standard_normal((40, 6, 6)), shared + 0.3 * rng.standard_normal((40, 6, 6))])
+    ia, ib = np.arange(40), np.arange(40, 80)
+    spread = lambda a, b: analyze.welch_t(g[a], g[b])[0].std()
+    paired = [spread(*analyze.redraw_labels(ia, ib, 'paired', rng)) for _ in range(10)]
+    shuffled = [spread(*analyze.redraw_labels(ia, ib, 'shuffled', rng)) for _ in range(10)]
+    assert spread(ia, ib) < 0.3 and max(paired) < 0.3 and min(shuffled) > 0.5
+
+def test_contrasts_declare_their_null():
+    assert {n: c[2] for n, c in analyze.CONTRASTS.items()} == {
+        'language': 'paired', 'noun_verb': 'shuffled', 'noun_verb_words': 'shuffled',
+        'concrete_abstract': 'shuffled', 'noun_verb_concrete': 'shuffled', 'noun_verb_abstract': 'shuffled',
+        'sentiment': 'paired'}
+
+# -----------------------------------------------------------------------------
+# Grids, smoothing, correlation vs distance
+
+def test_to_grid_places_units_at_their_positions():
+    side = 4
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(side * side)
+    pos = np.stack([perm // side, perm % side], axis=1)  # unit u sits at pos[u], as TopoLM's positions
+    values = np.arange(side * side, dtype=float)
+    grid = analyze.to_grid(values, pos)
+    for u in range(side * side):
+        assert grid[pos[u, 0], pos[u, 1]] == values[u]
+    np.testing.assert_array_equal(analyze.to_grid(values, pos.astype(np.float32)), grid)  # float integers
+    # leading axes are kept: (N, D) -> (N, side, side); a non-square grid too
+    assert analyze.to_grid(np.ones((3, side * side)), pos).shape == (3, side, side)
+    rect = np.stack(np.divmod(np.arange(12), 4), axis=1)
+    assert analyze.to_grid(np.arange(12.0), rect).shape == (3, 4)
+    # only the integer lattice, one unit per cell: fractions, duplicates and holes are errors
+    for bad in (pos / side, np.zeros((16, 2)), np.concatenate([pos[:-1], [[5, 5]]]), pos - 1):
+        with pytest.raises(ValueError):
+            analyze.to_grid(values, bad)
+
+def test_smooth_fwhm():
+    # a single active cell becomes a Gaussian whose value at distance FWHM/2 is half its peak
+    x = np.zeros((21, 21))
+    x[10, 10] = 1.0
+    y = analyze.smooth(x, 4.0)
+    assert y[10, 12] / y[10, 10] == pytest.approx(0.5, abs=1e-5)
+    assert y[12, 10] / y[10, 10] == pytest.approx(0.5, abs=1e-5)
+    # a constant map stays constant up to the borders; leading axes are kept
+    z = analyze.smooth(np.full((2, 6, 5), 3.0), 2.5)
+    np.testing.assert_allclose(z, 3.0, atol=1e-12)
+
+def test_smoothed_t_maps_equal_the_official_unnormalised_kernel():
+    # The official read-out (eval/hrf.py) gives each grid point the sum of all units' responses weighted by
+    # exp(-d^2 / 2 sigma^2) / (2 pi sigma^2), with no renormalisation at the borders. Ours renormalises;
+    # the maps differ by a positive factor per cell, which Welch's t does not see.
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((30, 6, 7))
+    g[:14, 1:3, 2:5] += 0.8
+    sigma = 2.0 / math.sqrt(8 * math.log(2))
+    r, c = np.indices((6, 7)).reshape(2, -1)
+    d2 = (r[:, None] - r[None, :]) ** 2 + (c[:, None] - c[None, :]) ** 2
+    official = (g.reshape(30, 42) @ (np.exp(-d2 / (2 * sigma**2)) / (2 * np.pi * sigma**2))).reshape(30, 6, 7)
+    ours = analyze.smooth(g, 2.0)
+    assert not np.allclose(ours, official)  # different maps...
+    t_ours, t_official = (analyze.welch_t(x[:14], x[14:])[0] for x in (ours, official))
+    np.testing.assert_allclose(t_ours, t_official, rtol=1e-9, atol=1e-12)  # ...the same t-map
+
+def test_correlation_profile():
+    rng = np.random.default_rng(0)
+    d, r = analyze.correlation_profile(rng.standard_normal((400, 6, 6)))
+    np.testing.assert_array_equal(d, [1, 2, 3, 4, 5])
+    assert np.abs(r).max() < 0.05  # independent units
+    s = rng.standard_normal((50, 1, 1)) * np.linspace(1, 2, 36).reshape(1, 6, 6)  # one signal, scaled
+    np.testing.assert_allclose(analyze.correlation_profile(s)[1], 1.0, atol=1e-12)
+    # smoothed noise: neighbours correlate strongly, far units little
+    _, r = analyze.correlation_profile(analyze.smooth(rng.standard_normal((200, 8, 8)), 3.0))
+    assert r[0] > 0.6 and r[-1] < 0.2 and np.all(np.diff(r[:4]) < 0)
+
+# -----------------------------------------------------------------------------
+# Stimuli
+
+ENGLISH_TWO_LETTER = set('ab ad ag am an as at av be by do ed go he hi id if in is it me my no of oh ok on op '
+                         'or ox so to uk um up us we'.split())
+
+def test_language_stimuli_12_words_matched_twins_of_non_words(enc):
+    s = analyze.language_stimuli(1337)
+    sent, non = s['sentences'], s['nonwords']
+    assert len(sent) == len(non) >= 200
+    assert len(set(sent)) == len(sent) and len(set(non)) == len(non)
+    for a, b in zip(sent, non):
+        wa, wb = a.rstrip('.').split(), b.rstrip('.').split()
+        assert len(wa) == len(wb) == 12  # the Fedorenko original's length
+        assert [len(w) for w in wa] == [len(w) for w in wb]  # word for word, letter for letter
+        assert min(len(w) for w in wa) >= 2  # no one-letter words, which have no non-word twin
+        assert a[0].isupper() and b[0].isupper() and a.endswith('.') and b.endswith('.')
+        for i, w in enumerate(wb):
+            low = w.lower()
+            assert low.isalpha() and set(low) & set('aeiou') and low not in analyze._REAL_WORDS
+            if len(w) == 2:
+                assert low not in ENGLISH_TWO_LETTER
+            else:  # not a word GPT-2 knows whole: more than one token, where it stands in the string
+                assert len(enc.encode_ordinary(w if i == 0 else ' ' + w)) > 1, w
+
+def test_phrase_stimuli_as_the_paper_tests_nouns_and_verbs():
+    s = analyze.phrase_stimuli(1337)
+    assert len(analyze.NOUNS) >= 4 and len(analyze.VERBS) >= 4
+    for kind, article, categories in (('noun', 'the', analyze.NOUNS), ('verb', 'to', analyze.VERBS)):
+        phrases = [p for c in categories for p in s[f'{kind}_{c}']]
+        assert len(phrases) >= 200 and len(set(phrases)) == len(phrases)
+        assert len({len(s[f'{kind}_{c}']) for c in categories}) == 1  # categories balanced
+        for c, words in categories.items():
+            assert len(words) >= 20 and len(set(words)) == len(words)
+            xs, ys = [], []
+            for p in s[f'{kind}_{c}']:
+                m = re.fullmatch(rf"{article} (\w+) {article} (\w+)", p)
+                assert m, p  # "the X the Y" / "to X to Y"
+                x, y = m.groups()
+                assert x != y and x in words and y in words  # two words of the same category
+                xs.append(x)
+                ys.append(y)
+            # every word of the category as often first as second, and as often as any other word
+            assert set(Counter(xs).values()) == set(Counter(ys).values()) == {len(xs) // len(words)}
+    all_nouns = {w for ws in analyze.NOUNS.values() for w in ws}
+    all_verbs = {w for ws in analyze.VERBS.values() for w in ws}
+    assert not all_nouns & all_verbs
+    assert sum(map(len, analyze.NOUNS.values())) == len(all_nouns)  # no word in two categories
+    assert analyze.phrase_stimuli(7) == analyze.phrase_stimuli(7)
+    assert analyze.phrase_stimuli(7) != analyze.phrase_stimuli(8)
+
+def test_word_stimuli_2x2(enc):
+    cells = analyze.WORDS
+    assert set(cells) == {'concrete_nouns', 'abstract_nouns', 'concrete_verbs', 'abstract_verbs'}
+    words = [w for ws in cells.values() for w in ws]
+    assert all(len(ws) >= 40 for ws in cells.values())
+    assert len(set(words)) == len(words)  # no word in two cells
+    assert {len(ws) for ws in cells.values()} == {len(cells['concrete_nouns'])}  # balanced
+    lengths = [np.mean([len(w) for w in ws]) for ws in cells.values()]
+    assert max(lengths) - min(lengths) < 1.5  # letters, roughly matched
+    tokens = [np.mean([len(enc.encode_ordinary(w)) for w in ws]) for ws in cells.values()]
+    assert max(tokens) - min(tokens) < 0.3  # what the model sees, matched
+
+def test_sentiment_stimuli_paired():
+    s = analyze.sentiment_stimuli(1337)
+    assert len(s['positive']) == len(s['negative']) >= 200
+    assert len(set(s['positive'])) == len(s['positive'])
+    for p, n in zip(s['positive'], s['negative']):
+        diff = [(a, b) for a, b in zip(p.split(), n.split()) if a != b]
+        assert len(p.split()) == len(n.split()) and len(diff) == 1  # only the adjective differs
+
+def test_stimuli_reproducible_from_seed():
+    assert analyze.builtin_stimuli(7) == analyze.builtin_stimuli(7)
+    for cond in ('sentences', 'nonwords', 'noun_places', 'verb_hand', 'positive'):
+        assert analyze.builtin_stimuli(7)[cond] != analyze.builtin_stimuli(8)[cond]
+
+def test_every_contrast_has_its_stimuli():
+    stim = analyze.builtin_stimuli(1)
+    for name, ((la, ca), (lb, cb), null) in analyze.CONTRASTS.items():
+        assert all(stim[c] for c in ca + cb), name
+        assert sum(len(stim[c]) for c in ca) == sum(len(stim[c]) for c in cb), name  # balanced
+        if null == 'paired':  # one condition each, stimulus i of the first paired with stimulus i of the second
+            assert len(ca) == len(cb) == 1 and len(stim[ca[0]]) == len(stim[cb[0]])
+
+# -----------------------------------------------------------------------------
+# Command line and bad input: one line, exit 2
+
+def test_analyze_help_lists_every_key_with_its_check(capsys):
+    with pytest.raises(SystemExit) as e:
+        analyze.main(['--help'])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for k, v in analyze.DEFAULTS.items():
+        assert f"--{k}={v}" in out
+    notes = topo_gpt.read_config_notes(analyze.__file__)
+    checked = {k for k, (check, _) in notes.items() if check}
+    assert checked == {'n_shuffles', 'fwhm', 'fdr', 'min_patch', 'batch_size', 'seed'}
+
+@pytest.fixture(scope='module')
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp('bad')
+    (d / 'notes.txt').write_text('not a checkpoint\n')
+    torch.save({'model': {}, 'config': {}}, d / 'foreign.pt')
+    torch.save({'model_type': 'resnet'}, d / 'odd.pt')
+    torch.save({'model_type': 'topolm', 'model': {}}, d / 'no_config.pt')  # no model_args
+    (d / 'a_file').write_text('x')
+    return d
+
+@pytest.mark.parametrize('argv, words', [
+    (['{ckpt}', '--n_shuffles=-1'], ['--n_shuffles=-1', '>= 0']),
+    (['{ckpt}', '--fdr=0'], ['--fdr=0', '(0, 1)']),
+    (['{ckpt}', '--fdr=1.5'], ['--fdr=1.5']),
+    (['{ckpt}', '--fwhm=-1'], ['--fwhm=-1.0', '>= 0']),
+    (['{ckpt}', '--fwhm=nan'], ['--fwhm=nan']),
+    (['{ckpt}', '--batch_size=0'], ['--batch_size=0', '>= 1']),
+    (['{ckpt}', '--min_patch=0'], ['--min_patch=0']),
+    (['{ckpt}', '--seed=-2'], ['--seed=-2']),
+    (['{ckpt}', '--n_shuffles=many'], ['n_shuffles', 'int']),
+    (['{ckpt}', '--bogus=1'], ['bogus']),
+    (['{ckpt}', '--contrasts=language,colour'], ['colour']),
+    (['{ckpt}', '--device=tpu'], ['--device=tpu']),
+    ([], ['usage']),
+    (['{ckpt}', '{ckpt}'], ['usage']),
+    (['{ckpt}', '--out_dir={bad}/a_file'], ['--out_dir', 'not a folder']),
+    (['{ckpt}', '--out_dir={bad}/a_file/sub'], ['--out_dir', 'not a folder']),
+    (['{bad}/missing.pt'], ['no checkpoint']),
+    (['{bad}/notes.txt'], ['not a torch checkpoint']),
+    (['{bad}/foreign.pt'], ['foreign']),
+    (['{bad}/odd.pt'], ['resnet']),
+    (['{bad}/no_config.pt'], ['incomplete', 'model_args']),
+    (['{ckpt}', '--control={bad}/foreign.pt'], ['foreign']),
+    (['{ckpt}', '--control={dir}/topoformer_control.pt'], ['Topoformer', 'same kind']),
+    (['{dir}/topoformer.pt', '--control={dir}/topolm_control.pt'], ['TopoLM', 'same kind']),
+    (['{ckpt}', '--positions={dir}'], ['--positions', 'official']),
+    (['{dir}/topolm_short.pt', '--contrasts=sentiment,language'], ['block_size 32', 'the longest', '--contrasts']),
+])
+def test_bad_input_is_a_usage_error(argv, words, ckpts, bad_files, enc, tmp_path):
+    fill = dict(ckpt=ckpts / 'topolm.pt', dir=ckpts, bad=bad_files)
+    argv = [a.format(**fill) for a in argv]
+    if not any(a.startswith('--out_dir') for a in argv):
+        argv.append(f'--out_dir={tmp_path / "out"}')
+    with pytest.raises(topo_gpt.UsageError) as e:
+        analyze.main(argv)
+    message = str(e.value)
+    assert '\n' not in message
+    for w in words:
+        assert w in message, message
+    assert not (tmp_path / 'out').exists()  # refused before anything was written
+
+def test_command_prints_one_line_and_returns_2(ckpts, bad_files, enc, capsys):
+    code = topo_gpt.command(analyze.main, [str(ckpts / 'topolm.pt'), '--fdr=0'])
+    assert_one_line_error(code, capsys.readouterr().err, '--fdr=0')
+    code = topo_gpt.command(analyze.main, [str(bad_files / 'foreign.pt'), f'--out_dir={bad_files / "out"}'])
+    assert_one_line_error(code, capsys.readouterr().err, 'foreign')
+
+def test_missing_tokenizer_is_one_line(ckpts, monkeypatch, capsys, tmp_path):
+    import tiktoken
+    def offline(name):
+        raise ConnectionError("HTTPSConnectionPool(host='openaipublic.blob.core.windows.net'): Max retries")
+    monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    code = topo_gpt.command(analyze.main, [str(ckpts / 'topolm.pt'), f'--out_dir={tmp_path / "out"}'])
+    assert_one_line_error(code, capsys.readouterr().err, 'TIKTOKEN_CACHE_DIR', 'ConnectionError')
+    assert 'tiktoken' not in vars(analyze)  # the tokenizer is loaded when needed, never at import
+
+@pytest.mark.parametrize('content, words', [
+    ("label,sentence\na,hello there\nb,good bye\n", ['condition,text']),
+    ("condition,text\na,one thing\na,another thing\na,a third\n", ['exactly two', '1']),
+    ("condition,text\na,x y\na,y z\nb,u v\nb,v w\nc,w x\nc,x w\n", ['exactly two', '3']),
+    ("condition,text\na,the cat\na,the dog\nb,\nb,\n", ["'b'", '0 non-empty']),
+    ("condition,text\na,the cat\na,the dog\nb,one\n", ["'b'", '1 non-empty']),
+    ("", ['condition,text']),
+    ("condition,text\na,the cat\na,the dog\nb,the dog\nb,the cat\n", ['same texts']),
+    ("condition,text\na,un caf\u00e9\na,the dog\nb,the cow\nb,the cat\n".encode('latin-1'), ['not UTF-8', 'save it as UTF-8']),
+])
+def test_bad_stimuli_csv(content, words, tmp_path):
+    path = tmp_path / 'stim.csv'
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    # the CSV is checked before any checkpoint is opened: a missing checkpoint does not mask it
+    with pytest.raises(topo_gpt.UsageError) as e:
+        analyze.main([str(tmp_path / 'none.pt'), f'--stimuli={path}'])
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+def test_read_stimuli_csv_ok(tmp_path):
+    path = tmp_path / 'animals.csv'
+    path.write_text('text,condition\n"Dogs bark, loudly.",animate\nStones sit.,inanimate\n'
+                    'Cats purr.,animate\n,inanimate\nRocks fall.,inanimate\n', encoding='utf-8')
+    name, groups = analyze.read_stimuli_csv(str(path))
+    assert name == 'animals'
+    assert list(groups) == ['animate', 'inanimate']  # the file's order: t = animate - inanimate
+    assert groups['animate'] == ['Dogs bark, loudly.', 'Cats purr.']
+    assert groups['inanimate'] == ['Stones sit.', 'Rocks fall.']  # the empty text is skipped
+
+# -----------------------------------------------------------------------------
+# The pipeline on tiny checkpoints
+
+def test_unit_responses_mean_over_tokens_without_padding(ckpts, enc, capsys):
+    model, info = analyze.load_model(str(ckpts / 'topolm.pt'), '', 'cpu')
+    assert info == dict(checkpoint=str(ckpts / 'topolm.pt'), model_type='topolm', official=False, topographic=True)
+    texts = ['The cat sat.', 'A much longer sentence than the others here.', 'Dogs bark.', 'justice']
+    r = analyze.unit_responses(model, texts, enc, batch_size=2)
+    assert list(r) == ['h.0.attn', 'h.0.mlp', 'h.1.attn', 'h.1.mlp']
+    with torch.no_grad():
+        for i, t in enumerate(texts):
+            logits, _, maps = model(torch.tensor([enc.encode_ordinary(t)]), return_maps=True)
+            for name, m in maps.items():
+                np.testing.assert_allclose(r[name][i], m[0].mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    assert logits.shape[1] == len(enc.encode_ordinary(texts[-1]))  # the head is whole again afterwards
+
+MAP_KEYS = {'morans_i', 'morans_i_null', 'morans_i_smoothed', 'morans_i_smoothed_null', 'percent_selective',
+            'percent_selective_second', 'percent_selective_null', 'patches', 'n_patches', 'n_patches_null',
+            'largest_patch', 'n_patches_scattered', 'largest_patch_scattered'}
+
+def test_pipeline_topolm_with_control(ckpts, enc, capsys, tmp_path):
+    out = tmp_path / 'analysis'
+    metrics, stdout = run_main([ckpts / 'topolm.pt', f'--control={ckpts / "topolm_control.pt"}', '--n_shuffles=2',
+                                f'--out_dir={out}'], capsys)
+    for name in analyze.CONTRASTS:
+        assert (out / f'{name}.png').stat().st_size > 1000
+        assert re.search(rf"^{name}: mean Moran's I -?\d\.\d\d vs control -?\d\.\d\d, difference [+-]\d\.\d\d; "
+                         rf"smoothed", stdout, re.M)  # the one-line summary per contrast
+    assert (out / 'correlation_distance.png').exists()
+    # the tables: plain column names, model and control side by side, a difference and no ratio, a legend
+    assert "| Moran's I   shuffled smoothed I   shuffled % selective   patches |" in stdout
+    assert 'model: TopoLM (topographic)' in stdout and 'control: TopoLM (non-topographic)' in stdout
+    assert "difference of the mean Moran's I, model - control" in stdout and 'ratio' not in stdout
+    assert 'null: labels swapped within matched pairs' in stdout and 'null: labels shuffled over all stimuli' in stdout
+    for key in ("Moran's I", 'shuffled', 'smoothed I', '% selective', 'patches', 'null: paired', 'null: shuffled'):
+        assert re.search(rf"^ *{re.escape(key)}  \w", stdout, re.M), key
+    m = json.loads((out / 'metrics.json').read_text())
+    assert m == json.loads(json.dumps(metrics, default=float).replace('NaN', 'null'))  # returned as written
+    assert m['model']['topographic'] and not m['control']['topographic'] and not m['model']['official']
+    assert m['model']['grid'] == [8, 8] and m['model']['maps'] == ['h.0.attn', 'h.0.mlp', 'h.1.attn', 'h.1.mlp']
+    lang = m['model']['contrasts']['language']
+    assert lang['conditions'] == ['sentences', 'non-words'] and lang['n_stimuli'] == [240, 240]
+    assert lang['null'] == 'paired' and m['model']['contrasts']['noun_verb']['null'] == 'shuffled'
+    assert m['model']['contrasts']['noun_verb']['n_stimuli'] == [288, 288]
+    v = lang['maps']['h.0.attn']
+    assert set(v) == MAP_KEYS
+    assert set(v['morans_i_null']) == {'mean', 'sd'} and set(v['patches']) == {'positive', 'negative'}
+    assert -1 <= v['morans_i'] <= 1 and -1 <= v['morans_i_smoothed'] <= 1
+    assert 0 <= v['percent_selective'] + v['percent_selective_second'] <= 100
+    # the smoothed read-out is reported beside the unsmoothed one, and differs from it
+    for c in m['model']['contrasts'].values():
+        assert c['mean_morans_i_smoothed'] is not None and c['mean_morans_i_smoothed_null']['mean'] is not None
+        assert c['mean_morans_i_smoothed'] != c['mean_morans_i']
+        assert c['mean_morans_i'] == pytest.approx(np.mean([x['morans_i'] for x in c['maps'].values()]))
+    comp = m['comparison']['language']
+    assert 'ratio' not in comp
+    assert comp['difference'] == pytest.approx(comp['mean_morans_i'][0] - comp['mean_morans_i'][1])
+    assert comp['difference_smoothed'] == pytest.approx(comp['mean_morans_i_smoothed'][0] - comp['mean_morans_i_smoothed'][1])
+    assert len(m['model']['correlation_profile']['h.1.mlp']['distance']) == 7
+
+def test_pipeline_own_stimuli_unsmoothed(ckpts, enc, capsys, tmp_path):
+    csv_path = tmp_path / 'animacy.csv'
+    rows = ['condition,text'] + [f'animate,{w}' for w in 'dog cat horse farmer child bird'.split()] \
+        + [f'inanimate,{w}' for w in 'stone table cup rock chair spoon'.split()]
+    csv_path.write_text('\n'.join(rows) + '\n')
+    metrics, stdout = run_main([ckpts / 'topolm.pt', f'--stimuli={csv_path}', '--fwhm=0',
+                                f'--out_dir={tmp_path / "out"}', '--n_shuffles=1'], capsys)
+    assert (tmp_path / 'out' / 'animacy.png').exists()
+    m = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+    assert list(m['model']['contrasts']) == ['animacy'] and m['config']['fwhm'] == 0.0 and m['control'] is None
+    c = m['model']['contrasts']['animacy']
+    assert c['conditions'] == ['animate', 'inanimate'] and c['null'] == 'shuffled'
+    assert c['mean_morans_i_smoothed'] is None and c['maps']['h.0.attn']['morans_i_smoothed'] is None
+    assert 'null: labels shuffled over all stimuli, 1 draws' in stdout and 'not computed (--fwhm=0)' in stdout
+
+def test_pipeline_topoformer_with_control(ckpts, enc, capsys, tmp_path):
+    metrics, stdout = run_main([ckpts / 'topoformer.pt', f'--control={ckpts / "topoformer_control.pt"}',
+                                '--contrasts=language,noun_verb_concrete', '--n_shuffles=1',
+                                f'--out_dir={tmp_path}'], capsys)
+    assert (tmp_path / 'language.png').exists() and (tmp_path / 'noun_verb_concrete.png').exists()
+    assert metrics['model']['model_type'] == 'topoformer' and metrics['model']['topographic']
+    assert not metrics['control']['topographic']
+    assert metrics['model']['maps'] == ['h.0.q', 'h.0.k', 'h.0.v', 'h.0.out']
+    assert 'model: Topoformer (topographic)' in stdout
+
+def test_analyze_cli_subprocess(ckpts, enc, tmp_path):
+    # the script as a user runs it (the one subprocess of this file): exit code 0, files written
+    cmd = [sys.executable, os.path.join(ROOT, 'analyze.py'), str(ckpts / 'topolm.pt'),
+           '--contrasts=noun_verb_abstract', '--n_shuffles=1', f'--out_dir={tmp_path}']
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'})
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / 'noun_verb_abstract.png').exists() and (tmp_path / 'metrics.json').exists()
+    assert "noun_verb_abstract: mean Moran's I" in p.stdout
+
+# -----------------------------------------------------------------------------
+# The official TopoLM checkpoint format (the published models), on the tiny fixture in ../shared
+
+
+def test_analyze_an_official_checkpoint(ckpts, enc, capsys, tmp_path):
+    ckpt, positions = os.path.join(OFFICIAL, 'ckpt.pt'), os.path.join(OFFICIAL, 'gpt2-positions-3-5')
+    # with --positions, and our own TopoLM as its control (the same kind of model)
+    metrics, stdout = run_main([ckpt, f'--positions={positions}', f'--control={ckpts / "topolm_control.pt"}',
+                                '--contrasts=language,noun_verb', '--n_shuffles=1', f'--out_dir={tmp_path / "a"}'],
+                               capsys)
+    assert metrics['model']['official'] and metrics['model']['model_type'] == 'topolm'
+    assert metrics['model']['grid'] == [8, 8] and metrics['model']['maps'] == ['h.0.attn', 'h.0.mlp', 'h.1.attn', 'h.1.mlp']
+    assert 'model: TopoLM, official (topographic)' in stdout
+    for f in ('language.png', 'noun_verb.png', 'correlation_distance.png', 'metrics.json'):
+        assert (tmp_path / 'a' / f).stat().st_size > 100
+    # the positions from the checkpoint's own position_dir, and an official control
+    metrics, _ = run_main([ckpt, f'--control={ckpt}', '--contrasts=language', '--n_shuffles=1',
+                           f'--out_dir={tmp_path / "b"}'], capsys)
+    assert metrics['control']['official'] and metrics['comparison']['language']['difference'] == 0
+    assert (tmp_path / 'b' / 'language.png').exists()
+
+@needs_official
+def test_official_checkpoint_without_its_positions_is_one_line(enc, tmp_path, capsys):
+    ckpt = os.path.join(OFFICIAL, 'ckpt.pt')
+    code = topo_gpt.command(analyze.main, [ckpt, f'--positions={tmp_path / "nowhere"}', f'--out_dir={tmp_path / "out"}'])
+    assert_one_line_error(code, capsys.readouterr().err, 'no unit positions', '--positions=DIR')
+    # a copy of the checkpoint whose position_dir is not beside it
+    os.symlink(ckpt, tmp_path / 'ckpt.pt')
+    code = topo_gpt.command(analyze.main, [str(tmp_path / 'ckpt.pt'), f'--out_dir={tmp_path / "out"}'])
+    assert_one_line_error(code, capsys.readouterr().err, 'gpt2-positions-3-5', '--positions=DIR')
+    assert not (tmp_path / 'out').exists()
 
 # -----------------------------------------------------------------------------
 # the house: shared code that cannot drift, and a README that tells the truth
@@ -1309,7 +1962,6 @@ def test_reference_answers_train(name, hook, monkeypatch, tiny_data):
 
 def test_readme_line_ranges_point_at_the_functions():
     # the exercises say where to edit as "topo_gpt.py lines A-B (`name`)": keep them true
-    import re
     found = re.findall(r'`(\w+\.py)` lines (\d+)-(\d+) \(`([\w.]+)`\)', README)
     assert len(found) >= 4
     for path, a, b, name in found:
@@ -1332,7 +1984,8 @@ def test_classroom_loop_runs_as_documented(tiny_data, tmp_path, capsys, monkeypa
         python, script, *args = cmd.split()
         assert python == 'python' and script in mains
         if script != 'analyze.py':
-            args += [*TINY_CLI, f'--data_dir={tiny_data}', '--dataset=tiny', '--max_iters=6', '--eval_interval=6']
+            args += [*TINY_CLI, '--block_size=64', f'--data_dir={tiny_data}', '--dataset=tiny', '--max_iters=6',
+                     '--eval_interval=6']  # (the language stimuli need 64 tokens)
         code, out, err = cli(mains[script], args, capsys)
         assert code == 0, (cmd, err[-2000:])
     assert "Moran's I" in out and 'control' in out
