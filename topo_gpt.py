@@ -51,7 +51,7 @@ from torch.nn import functional as F
 # key does; a check before its colon (>= 1, (0, 1], a|b) says which values the command line accepts.
 # I/O
 out_dir = 'out'  # where ckpt.pt is written
-eval_interval = 100  # >= 1: evaluate, and save a checkpoint, every this many steps
+eval_interval = 200  # >= 1: evaluate, and save a checkpoint, every this many steps
 log_interval = 10  # >= 1: print a training line every this many steps
 eval_iters = 20  # >= 1: batches per split in an evaluation
 resume = False  # continue the run in out_dir from its ckpt.pt
@@ -74,13 +74,13 @@ n_neighborhoods = 5  # >= 1: windows drawn per map per step
 residual_maps = False  # the maps are the sublayer outputs (False, the paper) or the residual stream (True)
 # AdamW
 learning_rate = 1e-3  # > 0: peak learning rate
-max_iters = 600  # >= 1: optimizer steps of the whole run
+max_iters = 2000  # >= 1: optimizer steps of the whole run
 weight_decay = 0.1  # >= 0: on 2-D weights (matmuls, embeddings)
 beta1 = 0.9  # [0, 1): AdamW's decay of the gradient's mean
 beta2 = 0.95  # [0, 1): AdamW's decay of the gradient's square
 grad_clip = 1.0  # >= 0: clip the gradient norm at this value; 0 = no clipping
 # learning rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
-warmup_iters = 50  # >= 0: steps of linear warmup
+warmup_iters = 100  # >= 0: steps of linear warmup
 lr_decay_iters = 0  # >= 0: the step at which the cosine decay reaches min_lr; 0 = max_iters
 min_lr = 1e-4  # >= 0: the learning rate after the decay
 # system
@@ -104,8 +104,8 @@ PRESETS = {
                   warmup_iters=2000, max_iters=10000, min_lr=6e-5, alpha=2.5, radius=5,
                   n_neighborhoods=5, eval_interval=1000, eval_iters=200),
     # the five-minute classroom loop (README, "Classroom"): a model and its control in about a minute each
-    'classroom': dict(n_layer=2, n_head=4, n_embd=256, block_size=64, batch_size=8, max_iters=250,
-                      eval_interval=125, eval_iters=10, warmup_iters=25),
+    'classroom': dict(n_layer=2, n_head=4, n_embd=256, block_size=64, batch_size=8, max_iters=400,
+                      eval_interval=200, eval_iters=10, warmup_iters=40),
 }
 
 MODEL_TYPE = 'topolm'  # written into every checkpoint: analyze.py tells the models apart by it
@@ -730,49 +730,61 @@ def estimate_loss(model, batch, cfg, run):
     model.train()
     return out
 
-def benchmark(model, raw_model, optimizer, cfg, run):
-    """ms/step with the spatial loss on (alpha as configured, 2.5 for a control) and off (alpha=0),
-    interleaved step by step in one process, the order alternating, so that drifting machine speed hits
-    both alike. Random tokens, no data."""
+def compare_steps(steps, tokens, run, rounds=6, block=3):
+    """
+    Time two kinds of training step, {label: (step function, flops per token)}, the first against the
+    second, in one process: in each round each runs block + 1 steps in turn, the order alternating and
+    the first step after a switch not timed, so that drifting machine speed hits both alike and each is
+    measured in its steady state. Prints ms/step, tokens/s, peak memory, GFLOP/s (CPU) or MFU (CUDA) and
+    the ratio of the two.
+    """
     import resource
-    alpha_on = raw_model.config.alpha or 2.5
-    B, T = run.batch_size, cfg['block_size']
-    X = torch.randint(0, 50257, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(run.dev)
-    next_batch = lambda: (X[:, :-1].contiguous(), X[:, 1:].contiguous())
-    modes = {'on': alpha_on, 'off': 0.0}
-    times, peak = {'on': [], 'off': []}, {}
     cuda = run.device_type == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for mode, alpha in modes.items():  # warm up (and compile) each mode; peak memory in this order
-        raw_model.config.alpha = alpha
+    times, peak = {label: [] for label in steps}, {}
+    for label, (step, _) in steps.items():  # warm up (and compile) each; peak memory in this order
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
-            train_step(model, optimizer, next_batch, run, cfg['grad_clip'])
-        peak[mode] = (torch.cuda.max_memory_allocated() if cuda else
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    n = 10
-    print(f"benchmark: {n} steps each, interleaved, batch {B} x {T} x {run.accum} accum, {run.dtype}")
-    for i in range(n):
-        for mode in (('on', 'off') if i % 2 else ('off', 'on')):
-            raw_model.config.alpha = modes[mode]
+            step()
+        peak[label] = (torch.cuda.max_memory_allocated() if cuda else
+                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    print(f"benchmark: {rounds} rounds of {block} steps each, alternating, batch {run.batch_size} x "
+          f"{tokens // run.batch_size // run.accum} x {run.accum} accum, {run.dtype}")
+    for r in range(rounds):
+        for label in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            step = steps[label][0]
+            step()  # the switch
             sync()
             t = time.perf_counter()
-            train_step(model, optimizer, next_batch, run, cfg['grad_clip'])
+            for _ in range(block):
+                step()
             sync()
-            times[mode].append(time.perf_counter() - t)
-    tokens = B * T * run.accum
-    label = {'on': f'spatial loss on (alpha={alpha_on})', 'off': 'spatial loss off (alpha=0)'}
-    for mode in modes:
-        s = float(np.median(times[mode]))
-        line = f"{label[mode]:32s} {s * 1000:8.1f} ms/step  {tokens / s:9,.0f} tok/s  peak {peak[mode]:7,.0f} MiB"
-        flops = raw_model.flops_per_token() * tokens / s
-        line += f"  mfu {flops / 312e12 * 100:.1f}%" if cuda else f"  {flops / 1e9:5.1f} GFLOP/s"
-        print(line)
-    ratios = [a / b for a, b in zip(times['on'], times['off'])]
-    print(f"on/off ratio: {np.median(times['on']) / np.median(times['off']):.3f} (medians), "
-          f"{np.median(ratios):.3f} (median of step-by-step pairs)")
-    raw_model.config.alpha = modes['on'] if cfg['alpha'] > 0 else 0.0
+            times[label].append((time.perf_counter() - t) / block)
+    for label, (_, flops_per_token) in steps.items():
+        s = float(np.median(times[label]))
+        flops = flops_per_token * tokens / s
+        print(f"{label:34s} {s * 1000:8.1f} ms/step  {tokens / s:9,.0f} tok/s  peak {peak[label]:7,.0f} MiB  "
+              + (f"mfu {flops / 312e12 * 100:.1f}%" if cuda else f"{flops / 1e9:5.1f} GFLOP/s"))
+    a, b = (np.array(t) for t in times.values())
+    print(f"ratio of the two: {np.median(a) / np.median(b):.3f} (medians), {np.median(a / b):.3f} "
+          f"(median of the {rounds} rounds)")
+
+def benchmark(model, raw_model, optimizer, cfg, run):
+    """ms/step with the spatial loss on (alpha as configured, 2.5 for a control) and off (alpha=0), on
+    random tokens."""
+    alpha = raw_model.config.alpha or 2.5
+    X = torch.randint(0, 50257, (run.batch_size, cfg['block_size'] + 1), generator=torch.Generator().manual_seed(0))
+    X = X.to(run.dev)
+    next_batch = lambda: (X[:, :-1].contiguous(), X[:, 1:].contiguous())
+
+    def step(a):
+        raw_model.config.alpha = a
+        train_step(model, optimizer, next_batch, run, cfg['grad_clip'])
+    flops = raw_model.flops_per_token()
+    compare_steps({f'spatial loss on (alpha={alpha})': (lambda: step(alpha), flops),
+                   'spatial loss off (alpha=0)': (lambda: step(0.0), flops)},
+                  run.batch_size * cfg['block_size'] * run.accum, run)
 
 # -----------------------------------------------------------------------------
 # Checkpointing

@@ -63,7 +63,7 @@ from torch.nn import functional as F
 # key does; a check before its colon (>= 1, (0, 1], a|b) says which values the command line accepts.
 # I/O
 out_dir = 'out-topoformer'  # where ckpt.pt is written
-eval_interval = 100  # >= 1: evaluate, and save a checkpoint, every this many steps
+eval_interval = 250  # >= 1: evaluate, and save a checkpoint, every this many steps
 log_interval = 10  # >= 1: print a training line every this many steps
 eval_iters = 20  # >= 1: batches per split in an evaluation
 resume = False  # continue the run in out_dir from its ckpt.pt
@@ -90,13 +90,13 @@ wrap = True  # distances on a torus (the paper's default); False: a flat square 
 sr_nonneg = True  # SR weights act as |W| >= 0, as in the official code (see SpatialSelfAttention)
 # AdamW
 learning_rate = 1e-3  # > 0: peak learning rate
-max_iters = 1000  # >= 1: optimizer steps of the whole run
+max_iters = 2500  # >= 1: optimizer steps of the whole run
 weight_decay = 0.01  # >= 0: on 2-D weights (matmuls, embeddings)
 beta1 = 0.9  # [0, 1): AdamW's decay of the gradient's mean
 beta2 = 0.98  # [0, 1): AdamW's decay of the gradient's square
 grad_clip = 0.5  # >= 0: clip the gradient norm at this value; 0 = no clipping
 # learning rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
-warmup_iters = 50  # >= 0: steps of linear warmup
+warmup_iters = 100  # >= 0: steps of linear warmup
 lr_decay_iters = 0  # >= 0: the step at which the cosine decay reaches min_lr; 0 = max_iters
 min_lr = 1e-4  # >= 0: the learning rate after the decay
 # system
@@ -136,7 +136,7 @@ PRESETS = {
                   warmup_iters=1000, max_iters=20000, min_lr=1e-5, eval_interval=1000, eval_iters=100),
     # the five-minute classroom loop (README, "Classroom"): a model and its control in about a minute each
     'classroom': dict(n_layer=2, n_head=1, n_embd=256, ffn_size=1024, block_size=64, batch_size=16,
-                      max_iters=400, eval_interval=100, eval_iters=10, warmup_iters=20),
+                      max_iters=600, eval_interval=200, eval_iters=10, warmup_iters=30),
 }
 
 MODEL_TYPE = 'topoformer'  # written into every checkpoint: analyze.py tells the models apart by it
@@ -770,13 +770,49 @@ def build_model(model_args):
     except ValueError as e:
         raise UsageError(str(e)) from None
 
-def benchmark(model_args, cfg, run):
-    """ms/step of the Topoformer (sq, sr as configured, 0.3 where they are 1) and of its control
-    (sq = sr = 1) at the same size, interleaved step by step in one process, the order alternating, so
-    that drifting machine speed hits both alike. Same random batch for both, no data."""
+def compare_steps(steps, tokens, run, rounds=6, block=3):
+    """
+    Time two kinds of training step, {label: (step function, flops per token)}, the first against the
+    second, in one process: in each round each runs block + 1 steps in turn, the order alternating and
+    the first step after a switch not timed, so that drifting machine speed hits both alike and each is
+    measured in its steady state. Prints ms/step, tokens/s, peak memory, GFLOP/s (CPU) or MFU (CUDA) and
+    the ratio of the two.
+    """
     import resource
     cuda = run.device_type == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times, peak = {label: [] for label in steps}, {}
+    for label, (step, _) in steps.items():  # warm up (and compile) each; peak memory in this order
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            step()
+        peak[label] = (torch.cuda.max_memory_allocated() if cuda else
+                       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    print(f"benchmark: {rounds} rounds of {block} steps each, alternating, batch {run.batch_size} x "
+          f"{tokens // run.batch_size // run.accum} x {run.accum} accum, {run.dtype}")
+    for r in range(rounds):
+        for label in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            step = steps[label][0]
+            step()  # the switch
+            sync()
+            t = time.perf_counter()
+            for _ in range(block):
+                step()
+            sync()
+            times[label].append((time.perf_counter() - t) / block)
+    for label, (_, flops_per_token) in steps.items():
+        s = float(np.median(times[label]))
+        flops = flops_per_token * tokens / s
+        print(f"{label:34s} {s * 1000:8.1f} ms/step  {tokens / s:9,.0f} tok/s  peak {peak[label]:7,.0f} MiB  "
+              + (f"mfu {flops / 312e12 * 100:.1f}%" if cuda else f"{flops / 1e9:5.1f} GFLOP/s"))
+    a, b = (np.array(t) for t in times.values())
+    print(f"ratio of the two: {np.median(a) / np.median(b):.3f} (medians), {np.median(a / b):.3f} "
+          f"(median of the {rounds} rounds)")
+
+def benchmark(model_args, cfg, run):
+    """ms/step of the Topoformer (sq, sr as configured, 0.3 where they are 1) and of its control
+    (sq = sr = 1) at the same size, on the same random batch."""
     B, T = run.batch_size, cfg['block_size']
     g = torch.Generator().manual_seed(0)
     X = torch.randint(0, EOT_ID, (B, T), generator=g)
@@ -784,43 +820,18 @@ def benchmark(model_args, cfg, run):
         X, Y = to_device(X, torch.randint(0, model_args['n_class'], (B,), generator=g), run.dev)
     else:
         X, Y = to_device(*mask_tokens(X, g), run.dev)
-    runs = {}
+    steps = {}
     topo = tuple(v if v < 1 else 0.3 for v in (model_args['sq'], model_args['sr']))
-    for name, (sq, sr) in (('control', (1.0, 1.0)), ('topoformer', topo)):
+    for name, (sq, sr) in (('topoformer', topo), ('control', (1.0, 1.0))):
         torch.manual_seed(cfg['seed'])
         model = build_model({**model_args, 'sq': sq, 'sr': sr}).to(run.dev)
         optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
                                                (cfg['beta1'], cfg['beta2']), run.device_type)
-        runs[name] = (torch.compile(model) if cfg['compile'] else model, optimizer, f"{name} (sq={sq}, sr={sr})")
-    times, peak = {name: [] for name in runs}, {}
-    for name, (model, optimizer, _) in runs.items():  # warm up (and compile) each; peak memory in this order
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(3):
-            train_step(model, optimizer, lambda: (X, Y), run, cfg['grad_clip'])
-        peak[name] = (torch.cuda.max_memory_allocated() if cuda else
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    n = 10
-    print(f"benchmark: {n} steps each, interleaved, batch {B} x {T} x {run.accum} accum, {run.dtype}, "
-          f"{model_args['n_layer']} layers, D={model_args['n_embd']}")
-    for i in range(n):
-        for name in (('topoformer', 'control') if i % 2 else ('control', 'topoformer')):
-            model, optimizer, _ = runs[name]
-            sync()
-            t = time.perf_counter()
-            train_step(model, optimizer, lambda: (X, Y), run, cfg['grad_clip'])
-            sync()
-            times[name].append(time.perf_counter() - t)
-    tokens = B * T * run.accum
-    for name, (model, _, label) in runs.items():
-        s = float(np.median(times[name]))
-        line = f"{label:32s} {s * 1000:8.1f} ms/step  {tokens / s:9,.0f} tok/s  peak {peak[name]:7,.0f} MiB"
-        flops = getattr(model, '_orig_mod', model).flops_per_token() * tokens / s
-        line += f"  mfu {flops / 312e12 * 100:.1f}%" if cuda else f"  {flops / 1e9:5.1f} GFLOP/s"
-        print(line)
-    ratios = [a / b for a, b in zip(times['topoformer'], times['control'])]
-    print(f"topoformer/control ratio: {np.median(times['topoformer']) / np.median(times['control']):.3f} "
-          f"(medians), {np.median(ratios):.3f} (median of step-by-step pairs)")
+        compiled = torch.compile(model) if cfg['compile'] else model
+        step = lambda m=compiled, o=optimizer: train_step(m, o, lambda: (X, Y), run, cfg['grad_clip'])
+        steps[f"{name} (sq={sq}, sr={sr})"] = (step, model.flops_per_token())
+    print(f"{model_args['n_layer']} layers, D={model_args['n_embd']}")
+    compare_steps(steps, B * T * run.accum, run)
 
 # -----------------------------------------------------------------------------
 # Checkpointing
@@ -962,7 +973,8 @@ def main(argv):
         is_val = torch.arange(len(labels)) % 10 == 0  # every 10th training review is held out
         data = {'train': (tokens[~is_val], labels[~is_val]), 'val': (tokens[is_val], labels[is_val])}
         test_set = load_imdb(cfg['imdb_dir'], 'test', T)
-        batch = lambda split, g=None: imdb_batch(*data[split], torch.randint(len(data[split][1]), (B,), generator=g), run.dev)
+        batch = lambda split, g=None: imdb_batch(*data[split], torch.randint(len(data[split][1]), (B,), generator=g),
+                                                 run.dev)
     else:
         data = {split: open_split(cfg, split) for split in ('train', 'val')}
         batch = lambda split, g=None: get_batch(data[split], B, T, run.dev, g)
