@@ -538,8 +538,8 @@ def test_pick_dtype():
 def test_bench_prints_dtype_ratio_and_gflops(capsys):
     code, out, err = cli(topo_gpt.main, [*TINY_CLI, '--bench'], capsys)
     assert code == 0, err
-    assert 'batch 4 x 32 x 1 accum, float32' in out and 'GFLOP/s' in out
-    ratio = float(out.split('on/off ratio: ')[1].split()[0])
+    assert 'batch 4 x 32 x 1 accum, float32' in out and 'GFLOP/s' in out and 'spatial loss off' in out
+    ratio = float(out.split('ratio of the two: ')[1].split()[0])
     assert 0.3 < ratio < 3
 
 def test_compile_runs_steps(tiny_data, tmp_path, capsys):
@@ -919,7 +919,7 @@ def test_topoformer_bench_compares_with_the_control(capsys):
                                    '--batch_size=2', '--dtype=float32'], capsys)
     assert code == 0, err
     assert 'control (sq=1.0, sr=1.0)' in out and 'topoformer (sq=0.3, sr=0.3)' in out and 'GFLOP/s' in out
-    assert 0.3 < float(out.split('topoformer/control ratio: ')[1].split()[0]) < 3
+    assert 0.3 < float(out.split('ratio of the two: ')[1].split()[0]) < 3
 
 def test_topoformer_compile_runs_a_step(mlm_data, tmp_path, capsys):
     code, out, err = cli(tf.main, [*TF_TINY_CLI, f'--data_dir={mlm_data}', '--dataset=tiny', f'--out_dir={tmp_path}',
@@ -1903,7 +1903,7 @@ SHARED_CODE = {
     'topoformer.py': ['UsageError', 'read_config_notes', 'check_value', 'parse_args', 'open_split', 'pick_device',
                       'pick_dtype', 'setup', 'share_step', 'keep_freed_memory', 'get_lr', 'train_step', 'diverged',
                       'signals_deferred', 'save_checkpoint', 'checkpoint_of', 'last_checkpoint', 'load_checkpoint',
-                      'set_rng_state', 'resume_config', 'writable_dir', 'command'],
+                      'set_rng_state', 'resume_config', 'writable_dir', 'command', 'compare_steps'],
     'prepare_data.py': ['UsageError', 'read_config_notes', 'check_value', 'parse_args', 'signals_deferred', 'command'],
 }
 # written differently on purpose: what each model computes, reports and benchmarks
