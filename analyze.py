@@ -57,6 +57,7 @@ same over shuffles of the selective units' places. A number that does not exist 
 """
 
 import os
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads, as in the model scripts
 import sys
 import csv
 import json

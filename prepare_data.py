@@ -1,9 +1,10 @@
 """
-Prepare a corpus for topo_gpt.py: text in, GPT-2 tokens out (tiktoken "gpt2", encode_ordinary).
+Prepare a corpus for topo_gpt.py and topoformer.py: text in, GPT-2 tokens out (tiktoken "gpt2",
+encode_ordinary).
 
     python prepare_data.py                          # Shakespeare from Project Gutenberg -> data/shakespeare/
     python prepare_data.py --input=my_corpus/       # your own text -> data/my_corpus/
-    python prepare_data.py --input=../shared/data/shakespeare/complete_works.txt --name=shakespeare
+    python prepare_data.py --input=shakespeare.txt --name=shakespeare   # offline: a local copy instead
     python prepare_data.py --dataset=fineweb-edu --max_tokens=1e9 --val_fraction=0.005   # needs datasets
     python prepare_data.py --dataset=imdb           # IMDB reviews -> data/imdb/aclImdb/ (not tokenized)
 

@@ -1043,41 +1043,43 @@ def test_ctrl_c_while_tokenizing_leaves_no_files(tmp_path, capsys):
         prepare_data.write_bins(docs(), str(tmp_path / 'out'), {})
     assert os.listdir(tmp_path / 'out') == []
 
-def test_ctrl_c_during_the_switch_leaves_the_new_dataset_whole(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def old_dataset(tmp_path, capsys):
+    """data/c prepared from old.txt, and new.txt to replace it with."""
     gpt2()
     (tmp_path / 'old.txt').write_text('An old corpus of some length. ' * 300)
     (tmp_path / 'new.txt').write_text('The new corpus, different and longer! ' * 700)
     assert prepare(tmp_path, capsys, '--input=old.txt', '--name=c')[0] == 0
-    real_replace = os.replace
-    def replace_then_ctrl_c(a, b):  # the interrupt lands between the two renames
-        real_replace(a, b)
-        if b.endswith('train.bin'):
-            os.kill(os.getpid(), signal.SIGINT)
-    monkeypatch.setattr(os, 'replace', replace_then_ctrl_c)
-    code, _, err = prepare(tmp_path, capsys, '--input=new.txt', '--name=c')
-    assert_one_line_error(code, err, 'interrupted', exit_code=130)
-    monkeypatch.setattr(os, 'replace', real_replace)
-    train, val, meta = load(tmp_path / 'data' / 'c')  # the switch was finished: the new dataset, whole
-    assert meta['source'] == 'new.txt' and (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens'])
-    assert sorted(os.listdir(tmp_path / 'data' / 'c')) == ['meta.json', 'train.bin', 'val.bin']
+    return tmp_path
 
-def test_a_crash_during_the_switch_leaves_a_dataset_the_trainers_refuse(tmp_path, capsys, monkeypatch):
-    gpt2()
-    (tmp_path / 'old.txt').write_text('An old corpus of some length. ' * 300)
-    (tmp_path / 'new.txt').write_text('The new corpus, different and longer! ' * 700)
-    assert prepare(tmp_path, capsys, '--input=old.txt', '--name=c')[0] == 0
+def between_the_renames(monkeypatch, event):
+    """os.replace that calls event() right after the new train.bin is renamed into place, before val.bin."""
     real_replace = os.replace
-    def replace_then_die(a, b):  # the process dies between the renames (kill -9, a power cut)
+    def replace(a, b):
         real_replace(a, b)
         if b.endswith('train.bin'):
-            raise SystemExit(137)
-    monkeypatch.setattr(os, 'replace', replace_then_die)
+            event()
+    monkeypatch.setattr(os, 'replace', replace)
+
+def test_ctrl_c_during_the_switch_leaves_the_new_dataset_whole(old_dataset, capsys, monkeypatch):
+    between_the_renames(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGINT))
+    code, _, err = prepare(old_dataset, capsys, '--input=new.txt', '--name=c')
+    assert_one_line_error(code, err, 'interrupted', exit_code=130)
+    monkeypatch.undo()
+    train, val, meta = load(old_dataset / 'data' / 'c')  # the switch was finished: the new dataset, whole
+    assert meta['source'] == 'new.txt' and (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens'])
+    assert sorted(os.listdir(old_dataset / 'data' / 'c')) == ['meta.json', 'train.bin', 'val.bin']
+
+def test_a_crash_during_the_switch_leaves_a_dataset_the_trainers_refuse(old_dataset, capsys, monkeypatch):
+    def die():  # the process dies between the renames (kill -9, a power cut)
+        raise SystemExit(137)
+    between_the_renames(monkeypatch, die)
     with pytest.raises(SystemExit):
-        prepare_data.main(['--input=' + str(tmp_path / 'new.txt'), '--name=c', f'--out_dir={tmp_path / "data"}'])
-    monkeypatch.setattr(os, 'replace', real_replace)
+        prepare_data.main([f'--input={old_dataset / "new.txt"}', '--name=c', f'--out_dir={old_dataset / "data"}'])
+    monkeypatch.undo()
     for main in (topo_gpt.main, tf.main):  # new train.bin beside the old val.bin: refused, never trained on
-        code, _, err = cli(main, [f'--data_dir={tmp_path / "data"}', '--dataset=c', f'--out_dir={tmp_path / "o"}'],
-                           capsys)
+        code, _, err = cli(main, [f'--data_dir={old_dataset / "data"}', '--dataset=c',
+                                  f'--out_dir={old_dataset / "o"}'], capsys)
         assert_one_line_error(code, err, 'no complete meta.json', 'prepare_data.py')
 
 @pytest.mark.parametrize('setup, args, words', [

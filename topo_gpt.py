@@ -669,13 +669,13 @@ def keep_freed_memory():
     """
     glibc hands big freed blocks (the (B*T) x vocab logits and their gradient) back to the OS, and
     writing into fresh pages is slow on some machines: CPU steps were up to 1.5x slower (README, "Speed").
-    Ask it to keep them for reuse.
+    Ask it to keep them for reuse: a training process needs its peak memory again at every step.
     """
     try:
         import ctypes
         libc = ctypes.CDLL('libc.so.6')
         libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: big blocks come from the heap, not fresh mmaps
-        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD = 1 GiB: keep freed heap memory around
+        libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD = -1: never hand freed heap memory back
     except (OSError, AttributeError):
         pass  # not glibc (macOS, Windows): nothing to do
 
@@ -730,7 +730,7 @@ def estimate_loss(model, batch, cfg, run):
     model.train()
     return out
 
-def compare_steps(steps, tokens, run, rounds=6, block=3):
+def compare_steps(steps, tokens, run, rounds=10, block=4):
     """
     Time two kinds of training step, {label: (step function, flops per token)}, the first against the
     second, in one process: in each round each runs block + 1 steps in turn, the order alternating and
@@ -925,7 +925,7 @@ def main(argv):
               f"sequences, {tokens_per_iter:,} tokens per iteration")
     if cfg['compile']:
         if run.master:
-            print("compiling the model... (about a minute on a CPU, at the first steps)")
+            print("compiling the model... (about half a minute on a CPU, during the first step)")
         # torch's compiler warns about its own internals (FutureWarning): nothing a user can act on
         warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\._inductor')
         model = torch.compile(model)
