@@ -959,10 +959,6 @@ def load(folder):
     val = np.fromfile(os.path.join(folder, 'val.bin'), dtype=np.uint16)
     return train, val, meta
 
-def assert_no_bins(folder):
-    left = os.listdir(folder) if os.path.isdir(folder) else []
-    assert not [f for f in left if f.endswith(('.bin', '.tmp', 'meta.json'))], left
-
 def test_single_file_round_trip(tmp_path, capsys):
     enc = gpt2()
     # unicode, CRLF, tabs, trailing spaces: all must survive byte for byte
@@ -1856,10 +1852,8 @@ def test_pipeline_topoformer_with_control(ckpts, enc, capsys, tmp_path):
 
 def test_analyze_cli_subprocess(ckpts, enc, tmp_path):
     # the script as a user runs it (the one subprocess of this file): exit code 0, files written
-    cmd = [sys.executable, os.path.join(ROOT, 'analyze.py'), str(ckpts / 'topolm.pt'),
-           '--contrasts=noun_verb_abstract', '--n_shuffles=1', f'--out_dir={tmp_path}']
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
-                       env={**os.environ, 'OMP_WAIT_POLICY': 'PASSIVE'})
+    p = run_script(['analyze.py', str(ckpts / 'topolm.pt'), '--contrasts=noun_verb_abstract', '--n_shuffles=1',
+                    f'--out_dir={tmp_path}'])
     assert p.returncode == 0, p.stderr
     assert (tmp_path / 'noun_verb_abstract.png').exists() and (tmp_path / 'metrics.json').exists()
     assert "noun_verb_abstract: mean Moran's I" in p.stdout
@@ -1867,7 +1861,7 @@ def test_analyze_cli_subprocess(ckpts, enc, tmp_path):
 # -----------------------------------------------------------------------------
 # The official TopoLM checkpoint format (the published models), on the tiny fixture in ../shared
 
-
+@needs_official
 def test_analyze_an_official_checkpoint(ckpts, enc, capsys, tmp_path):
     ckpt, positions = os.path.join(OFFICIAL, 'ckpt.pt'), os.path.join(OFFICIAL, 'gpt2-positions-3-5')
     # with --positions, and our own TopoLM as its control (the same kind of model)
