@@ -81,9 +81,12 @@ def gpt2():
     except Exception:
         pytest.skip("needs the GPT-2 vocabulary: set TIKTOKEN_CACHE_DIR to a copy of tiktoken's cache")
 
+def missing_shared(path):
+    return f"needs this repo's shared test data ({path}): set TOPO_SHARED to its folder"
+
 def needs_shared(path):
     if not os.path.exists(path):
-        pytest.skip(f"needs this repo's shared test data ({path}): set TOPO_SHARED to its folder")
+        pytest.skip(missing_shared(path))
     return path
 
 def write_dataset(folder, tokens, val_share=0.1):
@@ -1240,18 +1243,11 @@ def test_prepare_command_line(tmp_path):
 # analyze.py
 
 needs_official = pytest.mark.skipif(not os.path.isfile(os.path.join(OFFICIAL, 'ckpt.pt')),
-                                    reason=f"needs the official TopoLM fixture {OFFICIAL}: set TOPO_SHARED to the "
-                                           f"folder of this repo's shared test data")
+                                    reason=missing_shared(OFFICIAL))
 
 @pytest.fixture(scope='module')
 def enc():
-    """The GPT-2 tokenizer, or a skip that says how to get it offline."""
-    try:
-        import tiktoken
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:
-        pytest.skip(f"the GPT-2 tokenizer cannot load ({type(e).__name__}): set TIKTOKEN_CACHE_DIR to a copy of "
-                    f"tiktoken's cache")
+    return gpt2()
 
 def save_topolm(path, alpha, seed, block_size=64):
     torch.manual_seed(seed)
