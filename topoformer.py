@@ -686,8 +686,8 @@ def share_step(accum, batch_size, world):
 def keep_freed_memory():
     """
     glibc hands big freed blocks (the (B*T) x vocab logits and their gradient) back to the OS, and
-    writing into fresh pages is slow on some machines: CPU steps were up to 1.5x slower (README, "Speed").
-    Ask it to keep them for reuse: a training process needs its peak memory again at every step.
+    writing into fresh pages is slow on some machines: a default CPU step took twice as long (README,
+    "Speed"). Ask it to keep them for reuse: a training process needs its peak memory again at every step.
     """
     try:
         import ctypes
