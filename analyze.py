@@ -43,16 +43,20 @@ patches outlined), correlation_distance.png, and metrics.json:
       contrasts: {name: {conditions: [first, second], n_stimuli: [n, n], null: 'paired' | 'shuffled',
         n_shuffles, mean_morans_i, mean_morans_i_null, mean_morans_i_smoothed,
         mean_morans_i_smoothed_null, percent_selective, percent_selective_second, percent_selective_null,
+        percent_selective_smoothed, percent_selective_smoothed_null,
         maps: {map: {morans_i, morans_i_null, morans_i_smoothed, morans_i_smoothed_null,
           percent_selective, percent_selective_second, percent_selective_null,
+          percent_selective_smoothed, percent_selective_smoothed_null,
           patches: {positive: [sizes], negative: [sizes]}, n_patches, n_patches_null, largest_patch,
           n_patches_scattered, largest_patch_scattered}}}}}
     comparison (with --control): {name: {mean_morans_i: [model, control], difference,
-      mean_morans_i_smoothed: [model, control], difference_smoothed, percent_selective: [model, control]}}
+      mean_morans_i_smoothed: [model, control], difference_smoothed, percent_selective: [model, control],
+      percent_selective_smoothed: [model, control]}}
 mean_* = the mean over the maps; difference = model - control. percent_selective = % of units with
 q < fdr and t > 0 (selective for the first condition), percent_selective_second the same with t < 0;
 both from the unsmoothed t-maps, as are the patches and the figures. *_smoothed: the smoothed read-out
-(null when fwhm = 0). *_null: {mean, sd} over the n_shuffles redraws of the labels; *_scattered: the
+(null when fwhm = 0); percent_selective_smoothed is the official localizer's selectivity (smoothed
+responses, then t, FDR and t > 0). *_null: {mean, sd} over the n_shuffles redraws of the labels; *_scattered: the
 same over shuffles of the selective units' places. A number that does not exist (NaN) is null.
 """
 
@@ -641,31 +645,39 @@ def correlation_profile(responses):
 # -----------------------------------------------------------------------------
 # One contrast: t-maps, selectivity, Moran's I, patches; the nulls
 
-def contrast_stats(grids, ia, ib, fdr, min_size, smoothed=None):
-    """
-    Welch t of group ia - group ib for every unit of every map (grids: {map: (N, H, W)}), BH-FDR over
-    all units of all maps together (as the official code, over all layers):
-        significant = q < fdr,  percent_selective = % of units significant with t > 0 (selective for the
-        first group),  percent_selective_second = the same with t < 0
-    smoothed: the same grids smoothed, for the smoothed read-out's Moran's I. Returns {map: dict(t,
-    significant, morans_i, morans_i_smoothed, percent_selective, percent_selective_second, patches,
-    patch_map)}.
-    """
+def t_maps(grids, ia, ib, fdr):
+    """Welch t of group ia - group ib for every unit of every map (grids: {map: (N, H, W)}), and which
+    units are significant: BH-FDR q < fdr over all units of all maps together (as the official code, over
+    all layers). Returns ({map: t}, {map: significant})."""
     ts, ps = OrderedDict(), []
     for name, g in grids.items():
         t, df = welch_t(g[ia], g[ib])
         ts[name] = t
         ps.append(t_pvalue(t, df))
     q = bh_fdr(np.stack(ps))
+    return ts, OrderedDict((name, qk < fdr) for name, qk in zip(ts, q))
+
+def contrast_stats(grids, ia, ib, fdr, min_size, smoothed=None):
+    """
+    The t-maps of group ia - group ib (t_maps) and what they show, per map:
+        percent_selective = % of units significant with t > 0 (selective for the first group),
+        percent_selective_second = the same with t < 0, Moran's I, the patches of selective units
+    smoothed: the same grids smoothed, for the smoothed read-out (the official localizer's: smoothed
+    responses, then t, FDR and selectivity): its Moran's I and percent_selective_smoothed. Returns
+    {map: dict(t, significant, morans_i, morans_i_smoothed, percent_selective, percent_selective_second,
+    percent_selective_smoothed, patches, patch_map)}.
+    """
+    ts, sig = t_maps(grids, ia, ib, fdr)
+    ts_smooth, sig_smooth = t_maps(smoothed, ia, ib, fdr) if smoothed is not None else (None, None)
     out = OrderedDict()
-    for (name, t), qk in zip(ts.items(), q):
-        significant = qk < fdr
-        sizes, where = patches(t, significant, min_size)
-        out[name] = dict(t=t, significant=significant, morans_i=morans_i(t),
-                         morans_i_smoothed=None if smoothed is None else
-                         morans_i(welch_t(smoothed[name][ia], smoothed[name][ib])[0]),
-                         percent_selective=100 * (significant & (t > 0)).mean(),
-                         percent_selective_second=100 * (significant & (t < 0)).mean(),
+    for name, t in ts.items():
+        sizes, where = patches(t, sig[name], min_size)
+        out[name] = dict(t=t, significant=sig[name], morans_i=morans_i(t),
+                         morans_i_smoothed=None if smoothed is None else morans_i(ts_smooth[name]),
+                         percent_selective=100 * (sig[name] & (t > 0)).mean(),
+                         percent_selective_second=100 * (sig[name] & (t < 0)).mean(),
+                         percent_selective_smoothed=None if smoothed is None else
+                         100 * (sig_smooth[name] & (ts_smooth[name] > 0)).mean(),
                          patches=sizes, patch_map=where)
     return out
 
@@ -714,6 +726,8 @@ def summarize(real, nulls, scattered):
             morans_i_smoothed_null=_mean_sd([n[m]['morans_i_smoothed'] for n in nulls]),
             percent_selective=s['percent_selective'], percent_selective_second=s['percent_selective_second'],
             percent_selective_null=_mean_sd([n[m]['percent_selective'] for n in nulls]),
+            percent_selective_smoothed=s['percent_selective_smoothed'],
+            percent_selective_smoothed_null=_mean_sd([n[m]['percent_selective_smoothed'] for n in nulls]),
             patches=s['patches'], n_patches=_n_patches(s['patches']),
             n_patches_null=_mean_sd([_n_patches(n[m]['patches']) for n in nulls]),
             largest_patch=_largest(s['patches']),
@@ -728,6 +742,8 @@ def summarize(real, nulls, scattered):
         percent_selective=over_maps('percent_selective', real),  # the maps are of equal size: = % of all units
         percent_selective_second=over_maps('percent_selective_second', real),
         percent_selective_null=_mean_sd([over_maps('percent_selective', n) for n in nulls]),
+        percent_selective_smoothed=over_maps('percent_selective_smoothed', real),
+        percent_selective_smoothed_null=_mean_sd([over_maps('percent_selective_smoothed', n) for n in nulls]),
         maps=maps)
 
 def scattered_patches(stats, n, min_size, rng):
@@ -856,14 +872,15 @@ def plot_profiles(path, models, title):
 # The printout: a table per contrast, a legend, a line per contrast
 
 _COLUMNS = [("Moran's I", 9), ('shuffled', 10), ('smoothed I', 10), ('shuffled', 10), ('% selective', 11),
-            ('patches', 9)]
+            ('smoothed %', 11), ('patches', 9)]
 
 def _cells(v):
     """The cells of one model's row: v = a map's metrics, or a contrast's (its means over the maps)."""
     null, snull = v['morans_i_null'], v['morans_i_smoothed_null']
     with_sd = lambda s: '-' if s['mean'] is None else f"{s['mean']:.2f}±{s['sd']:.2f}"
+    share = lambda key: f"{_fmt(v[key], '.1f')} ({_fmt(v[key + '_null']['mean'], '.1f')})"
     cells = [_fmt(v['morans_i']), with_sd(null), _fmt(v['morans_i_smoothed']), with_sd(snull),
-             f"{_fmt(v['percent_selective'], '.1f')} ({_fmt(v['percent_selective_null']['mean'], '.1f')})"]
+             share('percent_selective'), share('percent_selective_smoothed')]
     if 'patches' in v:
         cells.append(f"{v['n_patches']} ({_fmt(v['n_patches_scattered']['mean'], '.1f')})")
     else:
@@ -893,7 +910,8 @@ def print_table(name, results, cfg):
                 v = dict(morans_i=c['mean_morans_i'], morans_i_null=c['mean_morans_i_null'],
                          morans_i_smoothed=c['mean_morans_i_smoothed'],
                          morans_i_smoothed_null=c['mean_morans_i_smoothed_null'],
-                         percent_selective=c['percent_selective'], percent_selective_null=c['percent_selective_null'])
+                         **{k: c[k] for k in ('percent_selective', 'percent_selective_null', 'percent_selective_smoothed',
+                                              'percent_selective_smoothed_null')})
             line += ' | ' + ' '.join(f"{x:>{w}s}" for x, (_, w) in zip(_cells(v), _COLUMNS))
         print(line.rstrip())
     if len(results) == 2:
@@ -918,13 +936,15 @@ def print_legend(cfg, nulls):
                        f"shuffled value too" if cfg['fwhm'] > 0 else "not computed (--fwhm=0)"),
         ("% selective", f"units selective for the first condition: BH-FDR q < {cfg['fdr']:g} over all units of all "
                         f"maps, and t positive; in brackets the mean of the shuffled draws"),
+        ("smoothed %", "the same of the smoothed read-out's t-maps (the official localizer's selectivity)"
+                       if cfg['fwhm'] > 0 else "not computed (--fwhm=0)"),
         ("patches", f"groups of >= {cfg['min_patch']} side-by-side (4-connected) selective units of one sign; in "
                     f"brackets how many the same units make at scattered places (chance)"),
     ]
     lines += [(f"null: {n}", {'paired': "the labels of each matched pair (a sentence and its non-word twin, "
                                         "two sentences that differ in one adjective) swapped with probability 1/2",
                               'shuffled': "all stimuli's labels permuted, group sizes kept"}[n]) for n in nulls]
-    lines.append(('', "% selective and patches are of the unsmoothed t-maps, as are the figures"))
+    lines.append(('', "% selective, patches and the figures are of the unsmoothed t-maps"))
     print()
     for key, text in lines:
         print(textwrap.fill(text, 110, initial_indent=f"{key:>14s}  ", subsequent_indent=' ' * 16))
@@ -936,13 +956,15 @@ def print_summary(name, results):
         print(f"{name}: mean Moran's I {_fmt(c[0]['mean_morans_i'])} (shuffled "
               f"{_fmt(c[0]['mean_morans_i_null']['mean'])}), smoothed {_fmt(c[0]['mean_morans_i_smoothed'])} "
               f"(shuffled {_fmt(c[0]['mean_morans_i_smoothed_null']['mean'])}); "
-              f"{_fmt(c[0]['percent_selective'], '.1f')}% selective")
+              f"{_fmt(c[0]['percent_selective'], '.1f')}% selective, smoothed "
+              f"{_fmt(c[0]['percent_selective_smoothed'], '.1f')}%")
         return
     print(f"{name}: mean Moran's I {_fmt(c[0]['mean_morans_i'])} vs control {_fmt(c[1]['mean_morans_i'])}, "
           f"difference {_fmt(_difference(results, name, 'mean_morans_i'), '+.2f')}; smoothed "
           f"{_fmt(c[0]['mean_morans_i_smoothed'])} vs {_fmt(c[1]['mean_morans_i_smoothed'])}, difference "
           f"{_fmt(_difference(results, name, 'mean_morans_i_smoothed'), '+.2f')}; selective "
-          f"{_fmt(c[0]['percent_selective'], '.1f')}% vs {_fmt(c[1]['percent_selective'], '.1f')}%")
+          f"{_fmt(c[0]['percent_selective'], '.1f')}% vs {_fmt(c[1]['percent_selective'], '.1f')}%, smoothed "
+          f"{_fmt(c[0]['percent_selective_smoothed'], '.1f')}% vs {_fmt(c[1]['percent_selective_smoothed'], '.1f')}%")
 
 def _json_ready(x):
     if isinstance(x, dict):
@@ -1025,7 +1047,8 @@ def write_results(out, suites, results, tmaps, profiles, cfg):
                         difference=_difference(results, name, 'mean_morans_i'),
                         mean_morans_i_smoothed=each(name, 'mean_morans_i_smoothed'),
                         difference_smoothed=_difference(results, name, 'mean_morans_i_smoothed'),
-                        percent_selective=each(name, 'percent_selective')))
+                        percent_selective=each(name, 'percent_selective'),
+                        percent_selective_smoothed=each(name, 'percent_selective_smoothed')))
             for name, *_ in suites)
     with open(os.path.join(out, 'metrics.json'), 'w') as f:
         json.dump(_json_ready(metrics), f, indent=1)

@@ -774,6 +774,24 @@ def test_topoformer_return_maps():
     torch.testing.assert_close(block.attn(x)[0], block.attn.c_dense(maps['h.0.out']))
     torch.testing.assert_close(model(idx)[0], logits)
 
+def test_mlm_logits_pass_the_official_prediction_head_then_the_tied_decoder():
+    # cramming_local's ScriptableLMForPreTraining with skip_head_transform: decoder(Linear(D, D)(final_norm(h)))
+    torch.manual_seed(0)
+    model = Topoformer(tf_tiny_config()).eval()
+    assert model.prediction_head.weight.shape == (64, 64) and model.prediction_head.bias is None
+    idx = torch.randint(0, 50256, (2, 10))
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(10))
+    for block in model.transformer.h:
+        x = block(x)[0]
+    h = model.prediction_head(model.transformer.ln_f(x))
+    torch.testing.assert_close(model(idx)[0], h @ model.transformer.wte.weight.t())
+    inp, targets = tf.mask_tokens(idx, torch.Generator().manual_seed(0))
+    picked = targets != tf.IGNORE_INDEX
+    logits = model(inp, targets)[0]  # the masked positions only, as the official sparse_prediction
+    assert logits.shape == (int(picked.sum()), 50304)
+    torch.testing.assert_close(logits, model(inp)[0][picked])
+    assert not hasattr(Topoformer(tf_tiny_config(n_class=2)), 'prediction_head')  # the classifier has none
+
 def test_mlm_masking_statistics_and_special_tokens():
     g = torch.Generator().manual_seed(0)
     x = torch.full((400, 500), 1234)
@@ -1440,10 +1458,13 @@ def test_contrast_stats_finds_a_planted_patch_and_the_null_does_not():
     assert s['patches']['negative'] == []
     assert s['morans_i'] > 0.5 and s['morans_i_smoothed'] > s['morans_i']
     assert s['percent_selective'] >= 100 * 36 / 144 and s['percent_selective_second'] < 2
+    # the smoothed read-out's selectivity, as the official localizer: smooth, then t, BH-FDR and t > 0
+    ts, sig = analyze.t_maps({'m': analyze.smooth(g, 2.0)}, ia, ib, 0.05)
+    assert s['percent_selective_smoothed'] == 100 * (sig['m'] & (ts['m'] > 0)).mean() >= 100 * 36 / 144
     a, b = analyze.redraw_labels(ia, ib, 'shuffled', rng)
     null = analyze.contrast_stats({'m': g}, a, b, 0.05, 25)['m']
     assert null['percent_selective'] < 5 and null['patches'] == {'positive': [], 'negative': []}
-    assert null['morans_i_smoothed'] is None  # no smoothed grids given
+    assert null['morans_i_smoothed'] is None and null['percent_selective_smoothed'] is None  # no smoothed grids
 
 def test_percent_selective_counts_only_q_below_fdr_and_positive_t():
     # 40 + 40 stimuli on a 4 x 4 map. The second group's values are the first group's in reverse order,
@@ -1778,7 +1799,8 @@ def test_unit_responses_mean_over_tokens_without_padding(ckpts, enc, capsys):
     assert logits.shape[1] == len(enc.encode_ordinary(texts[-1]))  # the head is whole again afterwards
 
 MAP_KEYS = {'morans_i', 'morans_i_null', 'morans_i_smoothed', 'morans_i_smoothed_null', 'percent_selective',
-            'percent_selective_second', 'percent_selective_null', 'patches', 'n_patches', 'n_patches_null',
+            'percent_selective_second', 'percent_selective_null', 'percent_selective_smoothed',
+            'percent_selective_smoothed_null', 'patches', 'n_patches', 'n_patches_null',
             'largest_patch', 'n_patches_scattered', 'largest_patch_scattered'}
 
 def test_pipeline_topolm_with_control(ckpts, enc, capsys, tmp_path):
@@ -1791,11 +1813,12 @@ def test_pipeline_topolm_with_control(ckpts, enc, capsys, tmp_path):
                          rf"smoothed", stdout, re.M)  # the one-line summary per contrast
     assert (out / 'correlation_distance.png').exists()
     # the tables: plain column names, model and control side by side, a difference and no ratio, a legend
-    assert "| Moran's I   shuffled smoothed I   shuffled % selective   patches |" in stdout
+    assert "| Moran's I   shuffled smoothed I   shuffled % selective  smoothed %   patches |" in stdout
     assert 'model: TopoLM (topographic)' in stdout and 'control: TopoLM (non-topographic)' in stdout
     assert "difference of the mean Moran's I, model - control" in stdout and 'ratio' not in stdout
     assert 'null: labels swapped within matched pairs' in stdout and 'null: labels shuffled over all stimuli' in stdout
-    for key in ("Moran's I", 'shuffled', 'smoothed I', '% selective', 'patches', 'null: paired', 'null: shuffled'):
+    for key in ("Moran's I", 'shuffled', 'smoothed I', '% selective', 'smoothed %', 'patches', 'null: paired',
+                'null: shuffled'):
         assert re.search(rf"^ *{re.escape(key)}  \w", stdout, re.M), key
     m = json.loads((out / 'metrics.json').read_text())
     assert m == json.loads(json.dumps(metrics, default=float).replace('NaN', 'null'))  # returned as written

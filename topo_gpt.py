@@ -521,6 +521,9 @@ class GPT(nn.Module):
                                  f"pickles (models/gpt2-positions/ in the official repository)")
             layer = read_pickled(file).__dict__
             coords.append(torch.as_tensor(layer['coordinates']))
+            if coords[-1].shape != (args['n_embed'], 2):
+                raise ValueError(f"the unit positions {file} place {coords[-1].shape[0]} units, but the model's maps "
+                                 f"have n_embed={args['n_embed']}: positions of another model size?")
             window = int(torch.as_tensor(layer['neighborhood_indices'])[0].sum())  # (2 radius - 1)^2 units
             radius, n_neighborhoods = (math.isqrt(window) + 1) // 2, int(layer['neighborhoods_per_batch'])
         config = GPTConfig(n_layer=args['n_layer'], n_head=args['n_head'], n_embd=args['n_embed'],

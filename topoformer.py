@@ -387,10 +387,12 @@ class Topoformer(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
         if config.n_class:
             self.classifier = nn.Linear(config.n_embd, config.n_class)
+        else:  # the official BERT's prediction head (skip_head_transform: True): one dense Linear(D, D)
+            self.prediction_head = nn.Linear(config.n_embd, config.n_embd, bias=False)  # before the decoder
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # the decoder
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if pn.endswith('c_proj.weight') or pn.endswith('c_dense.weight'):
@@ -451,11 +453,12 @@ class Topoformer(nn.Module):
             if targets is not None:
                 loss = F.cross_entropy(logits, targets)
         elif targets is None:
-            logits = self.lm_head(x)  # (B, T, vocab_size)
+            logits = self.lm_head(self.prediction_head(x))  # (B, T, vocab_size)
         else:
-            # gather the masked positions before the vocab projection: 15% of the (B*T) x vocab logits
+            # gather the masked positions before the head: 15% of the (B*T) x vocab logits, as the
+            # official sparse_prediction
             picked = targets != IGNORE_INDEX
-            logits = self.lm_head(x[picked])  # (N, vocab_size)
+            logits = self.lm_head(self.prediction_head(x[picked]))  # (N, vocab_size)
             loss = F.cross_entropy(logits, targets[picked])
         if return_maps:
             return logits, loss, OrderedDict(zip(self.map_names, maps))
