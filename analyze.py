@@ -322,8 +322,8 @@ def read_stimuli_csv(path):
     if len(groups) != 2:
         raise UsageError(f"{path}: needs exactly two conditions, found {len(groups)}: {list(groups)}")
     for cond, texts in groups.items():
-        if len(texts) < 2:
-            raise UsageError(f"{path}: condition {cond!r} has {len(texts)} non-empty texts; "
+        if len(set(texts)) < 2:
+            raise UsageError(f"{path}: condition {cond!r} has {len(set(texts))} different non-empty texts; "
                              f"a t-test needs 2 or more")
     a, b = groups.values()
     if sorted(a) == sorted(b):
@@ -1077,7 +1077,10 @@ def main(argv):
         results.append(m)
         tmaps.append(t)
         profiles.append(p)
-    metrics = write_results(out, suites, results, tmaps, profiles, cfg)
+    try:
+        metrics = write_results(out, suites, results, tmaps, profiles, cfg)
+    except OSError as e:
+        raise UsageError(f"could not write into {out} ({e.strerror or e}; a full disk?)") from None
 
     for name, *_ in suites:
         print_table(name, results, cfg)

@@ -32,6 +32,7 @@ import re
 import sys
 import glob
 import json
+import math
 import time
 import random
 import shutil
@@ -87,13 +88,13 @@ def check_value(key, value, check):
         ok = value in check.split('|')
     elif check[0] == '>':
         bound = float(check.split()[1])
-        ok = value >= bound if check.startswith('>=') else value > bound
+        ok = (value >= bound if check.startswith('>=') else value > bound) and math.isfinite(value)
     else:
         lo, hi = (float(v) for v in check[1:-1].split(', '))
         ok = (lo <= value if check[0] == '[' else lo < value) and (value <= hi if check[-1] == ']' else value < hi)
     if not ok:  # (a NaN fails every comparison, so it lands here too)
         rule = (f"one of {check.replace('|', ', ')}" if '|' in check else
-                check if check[0] == '>' else f"in the interval {check}")
+                f"finite and {check}" if check[0] == '>' else f"in the interval {check}")
         raise UsageError(f"--{key}={value}: must be {rule}")
 
 def parse_args(argv, defaults, presets, doc, notes):
@@ -271,6 +272,8 @@ def write_bins(docs, folder, meta, tail=0.0, max_tokens=0):
             with open(os.path.join(folder, 'meta.json.tmp'), 'w') as f:
                 json.dump(meta, f, indent=2)
             os.replace(os.path.join(folder, 'meta.json.tmp'), os.path.join(folder, 'meta.json'))
+    except OSError as e:  # a full disk, a folder that cannot be written: the old dataset, if any, stays whole
+        raise UsageError(f"could not write the dataset into {folder} ({e.strerror or e}; a full disk?)") from None
     finally:
         for p in tmp.values():
             if os.path.exists(p):
@@ -280,9 +283,12 @@ def write_bins(docs, folder, meta, tail=0.0, max_tokens=0):
 
 @contextmanager
 def new_folder(folder):
-    """Make folder (and its parents) for the work inside the block; if the block fails, a folder it made
-    and left empty is removed again, so that a failed download leaves no empty data/<name>."""
-    made = not os.path.isdir(folder)
+    """Make folder (and its parents) for the work inside the block; if the block fails, the folders it made
+    and left empty are removed again, so that a failed download leaves no empty data/<name> (nor data/)."""
+    made, f = [], os.path.abspath(folder)
+    while not os.path.isdir(f):  # the folders to make, deepest first
+        made.append(f)
+        f = os.path.dirname(f)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -290,8 +296,9 @@ def new_folder(folder):
     try:
         yield folder
     except BaseException:
-        if made and os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
+        for f in made:
+            if os.path.isdir(f) and not os.listdir(f):
+                os.rmdir(f)
         raise
 
 
@@ -451,6 +458,12 @@ def command(main, argv, interrupted="a checkpoint is only ever replaced whole: t
         if speak:
             print(f"error: interrupted; {interrupted}", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if speak:
+            raise
+        # under torchrun, when the first process stops (it says why), the others' collective calls fail
+        print(f"error: process {os.environ['RANK']} stopped: {str(e).splitlines()[0][:160]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

@@ -436,6 +436,12 @@ def test_divergence_never_replaces_a_good_checkpoint(tiny_data, tmp_path, capsys
     code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=4'], capsys)
     assert_one_line_error(code, err, 'diverged', 'is intact')
     assert open(path, 'rb').read() == good
+    # a fresh run (not --resume) in the same out_dir says whose the checkpoint there is, and when it
+    # diverges before its own first save it does not call the earlier run's file its last good checkpoint
+    code, out_text, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=4'), capsys)
+    assert f"note: {path} is an earlier run's" in out_text
+    assert_one_line_error(code, err, 'diverged', 'no checkpoint was saved')
+    assert open(path, 'rb').read() == good
 
 def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tiny_data, tmp_path, capsys, monkeypatch):
     real_save = torch.save
@@ -484,7 +490,8 @@ def test_bad_data_is_one_line(tiny_data, tmp_path, capsys):
     expect('short', 'too few for block_size=32')
 
 # every config key that has a range, checked before any work: one line, exit 2
-BAD_CONFIG = [('--batch_size=0', 'batch_size=0'), ('--eval_interval=0', 'eval_interval'),
+BAD_CONFIG = [('--learning_rate=inf', 'learning_rate=inf: must be finite'), ('--min_lr=0.5', 'above --learning_rate'),
+              ('--batch_size=0', 'batch_size=0'), ('--eval_interval=0', 'eval_interval'),
               ('--log_interval=0', 'log_interval'), ('--eval_iters=-1', 'eval_iters'),
               ('--learning_rate=-1', 'learning_rate'), ('--learning_rate=nan', 'learning_rate=nan'),
               ('--beta1=1.5', 'beta1'), ('--n_head=0', 'n_head'), ('--n_layer=0', 'n_layer'),
@@ -496,7 +503,8 @@ BAD_CONFIG = [('--batch_size=0', 'batch_size=0'), ('--eval_interval=0', 'eval_in
               ('--n_embd=250', 'perfect square'), ('--n_embd=64', 'not divisible'), ('--radius=9', 'do not fit')]
 
 @pytest.mark.parametrize('arg, words', BAD_CONFIG + [
-    ('--alpha=-1', 'alpha'), ('--alpha=nan', 'alpha'), ('--n_neighborhoods=0', 'n_neighborhoods'),
+    ('--alpha=-1', 'alpha'), ('--alpha=nan', 'alpha'), ('--alpha=inf', 'alpha=inf: must be finite'),
+    ('--n_neighborhoods=0', 'n_neighborhoods'),
     ('--device=cuda', 'not a device' if not torch.cuda.is_available() else 'n/a')])
 def test_topolm_bad_config_is_one_line(arg, words, tiny_data, tmp_path, capsys):
     if arg == '--device=cuda' and torch.cuda.is_available():
@@ -569,6 +577,21 @@ def test_torchrun_shares_the_step_and_resumes(tiny_data, tmp_path, capsys):
     # a usage error under torchrun is printed once, not once per process
     p = run_script(torchrun + ['--batch_size=0'])
     assert p.returncode != 0 and p.stderr.count('error: --batch_size=0') == 1, p.stderr[-2000:]
+    (tmp_path / 'afile').write_text('not a folder')  # checked in every process: no peer left hanging
+    p = run_script(torchrun + gpt_run(tiny_data, tmp_path / 'afile', '--max_iters=2'))
+    assert p.returncode != 0 and p.stderr.count('error: --out_dir=') == 1 and '[rank1]' not in p.stderr, p.stderr
+
+def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
+    # under torchrun, when the first process stops on an error only it meets (a failed save, a diverged
+    # evaluation), the collective calls of the others fail: each says so in one line, not a traceback
+    def peer_gone(argv):
+        raise RuntimeError('[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:55989.\nmore')
+    monkeypatch.setenv('RANK', '1')
+    code = topo_gpt.command(peer_gone, [])
+    assert_one_line_error(code, capsys.readouterr().err, 'process 1 stopped', 'closed by peer', exit_code=1)
+    monkeypatch.setenv('RANK', '0')  # the first process keeps the traceback of an error it did not expect
+    with pytest.raises(RuntimeError):
+        topo_gpt.command(peer_gone, [])
 
 def test_topolm_command_line(tiny_data, tmp_path):
     # the script itself, once: a run, --help with what every key does, and a bad key as one line
@@ -580,7 +603,7 @@ def test_topolm_command_line(tiny_data, tmp_path):
         assert f'--{key}={topo_gpt.DEFAULTS[key]}' in p.stdout and what in p.stdout
     assert '--preset=paper:' in p.stdout
     p = run_script(['topo_gpt.py', '--learning_rate=-1'])
-    assert_one_line_error(p.returncode, p.stderr, '--learning_rate=-1.0: must be > 0')
+    assert_one_line_error(p.returncode, p.stderr, '--learning_rate=-1.0: must be finite and > 0')
 
 def test_topolm_paper_preset_is_the_official_config():
     # models/config/train_gpt2.yaml of the official code: 12 x 16 heads x 784, 1024 tokens, no biases,
@@ -1110,7 +1133,7 @@ def test_a_crash_during_the_switch_leaves_a_dataset_the_trainers_refuse(old_data
     (None, ['shakespeare.txt'], ["'shakespeare.txt'"]),
     (None, ['--seed=abc'], ['--seed=abc', 'int']),
     (None, ['--seed=1.5'], ['int']),
-    (None, ['--seed=-1'], ['--seed=-1: must be >= 0']),
+    (None, ['--seed=-1'], ['--seed=-1: must be finite and >= 0']),
     (None, ['--val_fraction=lots'], ['float']),
     (None, ['--val_fraction=1.5'], ['val_fraction']),
     (None, ['--max_tokens=-5'], ['max_tokens']),
@@ -1180,7 +1203,21 @@ def test_a_failed_download_is_one_line_and_leaves_no_folder(tmp_path, monkeypatc
     assert_one_line_error(code, err, 'could not download', 'no network')
     if dataset == 'shakespeare':  # what to do instead, in full
         assert '--input=PATH --name=shakespeare' in err and 'TIKTOKEN_CACHE_DIR' in err
-    assert not (tmp_path / 'data' / dataset).exists()
+    assert not (tmp_path / 'data').exists()  # nor the data/ folder it made for it
+
+def test_a_full_disk_while_writing_a_dataset_is_one_line_and_keeps_the_old_one(old_dataset, capsys, monkeypatch):
+    before = {f: (old_dataset / 'data' / 'c' / f).read_bytes() for f in ('train.bin', 'val.bin', 'meta.json')}
+    real_open = open
+    def disk_full(path, mode='r', *a, **k):
+        if str(path).endswith('.bin.tmp'):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_open(path, mode, *a, **k)
+    monkeypatch.setattr('builtins.open', disk_full)
+    code, _, err = prepare(old_dataset, capsys, '--input=new.txt', '--name=c')
+    monkeypatch.undo()
+    assert_one_line_error(code, err, 'could not write the dataset', 'No space left')
+    assert {f: (old_dataset / 'data' / 'c' / f).read_bytes() for f in before} == before
+    assert sorted(os.listdir(old_dataset / 'data' / 'c')) == ['meta.json', 'train.bin', 'val.bin']
 
 def test_safe_extract(tmp_path, capsys):
     def tar_with(names):
@@ -1757,8 +1794,9 @@ def test_missing_tokenizer_is_one_line(ckpts, monkeypatch, capsys, tmp_path):
     ("label,sentence\na,hello there\nb,good bye\n", ['condition,text']),
     ("condition,text\na,one thing\na,another thing\na,a third\n", ['exactly two', '1']),
     ("condition,text\na,x y\na,y z\nb,u v\nb,v w\nc,w x\nc,x w\n", ['exactly two', '3']),
-    ("condition,text\na,the cat\na,the dog\nb,\nb,\n", ["'b'", '0 non-empty']),
-    ("condition,text\na,the cat\na,the dog\nb,one\n", ["'b'", '1 non-empty']),
+    ("condition,text\na,the cat\na,the dog\nb,\nb,\n", ["'b'", '0 different non-empty']),
+    ("condition,text\na,the cat\na,the dog\nb,one\n", ["'b'", '1 different non-empty']),
+    ("condition,text\na,hello there\na,hello there\nb,good day\nb,good day\n", ["'a'", '1 different']),
     ("", ['condition,text']),
     ("condition,text\na,the cat\na,the dog\nb,the dog\nb,the cat\n", ['same texts']),
     ("condition,text\na,un caf\u00e9\na,the dog\nb,the cow\nb,the cat\n".encode('latin-1'), ['not UTF-8', 'save it as UTF-8']),
@@ -1843,6 +1881,14 @@ def test_pipeline_topolm_with_control(ckpts, enc, capsys, tmp_path):
     assert comp['difference'] == pytest.approx(comp['mean_morans_i'][0] - comp['mean_morans_i'][1])
     assert comp['difference_smoothed'] == pytest.approx(comp['mean_morans_i_smoothed'][0] - comp['mean_morans_i_smoothed'][1])
     assert len(m['model']['correlation_profile']['h.1.mlp']['distance']) == 7
+
+def test_a_full_disk_while_writing_the_analysis_is_one_line(ckpts, enc, capsys, tmp_path, monkeypatch):
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(analyze, 'plot_contrast', disk_full)
+    code = topo_gpt.command(analyze.main, [str(ckpts / 'topolm.pt'), '--contrasts=language', '--n_shuffles=0',
+                                           f'--out_dir={tmp_path / "out"}'])
+    assert_one_line_error(code, capsys.readouterr().err, 'could not write into', 'No space left')
 
 def test_pipeline_own_stimuli_unsmoothed(ckpts, enc, capsys, tmp_path):
     csv_path = tmp_path / 'animacy.csv'

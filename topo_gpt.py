@@ -131,13 +131,13 @@ def check_value(key, value, check):
         ok = value in check.split('|')
     elif check[0] == '>':
         bound = float(check.split()[1])
-        ok = value >= bound if check.startswith('>=') else value > bound
+        ok = (value >= bound if check.startswith('>=') else value > bound) and math.isfinite(value)
     else:
         lo, hi = (float(v) for v in check[1:-1].split(', '))
         ok = (lo <= value if check[0] == '[' else lo < value) and (value <= hi if check[-1] == ']' else value < hi)
     if not ok:  # (a NaN fails every comparison, so it lands here too)
         rule = (f"one of {check.replace('|', ', ')}" if '|' in check else
-                check if check[0] == '>' else f"in the interval {check}")
+                f"finite and {check}" if check[0] == '>' else f"in the interval {check}")
         raise UsageError(f"--{key}={value}: must be {rule}")
 
 def parse_args(argv, defaults, presets, doc, notes):
@@ -635,6 +635,9 @@ def setup(cfg):
     share a step of gradient_accumulation_steps x batch_size sequences (each runs `accum` micro-batches of
     `batch_size`). Returns a namespace of all that.
     """
+    if cfg['min_lr'] > cfg['learning_rate']:
+        raise UsageError(f"--min_lr={cfg['min_lr']:g} is above --learning_rate={cfg['learning_rate']:g}: the "
+                         f"schedule decays from learning_rate down to min_lr")
     ddp = int(os.environ.get('RANK', -1)) != -1
     rank, world, local_rank = 0, 1, 0
     if ddp:
@@ -841,8 +844,9 @@ def checkpoint_of(model, optimizer, iter_num, best_val_loss, first_val_loss, cfg
                 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
 
-def last_checkpoint(path):
-    return f"the last good checkpoint, {path}, is intact" if os.path.exists(path) else "no checkpoint was saved"
+def last_checkpoint(path, saved=True):
+    """What a stopped run leaves behind; saved: whether path is this run's (or the resumed run's)."""
+    return f"the last good checkpoint, {path}, is intact" if saved and os.path.exists(path) else "no checkpoint was saved"
 
 def load_checkpoint(path):
     """A checkpoint of this script, checked for everything a resume or from_checkpoint reads."""
@@ -941,8 +945,10 @@ def main(argv):
 
     data = {split: open_split(cfg, split) for split in ('train', 'val')}
     batch = lambda split, g=None: get_batch(data[split], run.batch_size, cfg['block_size'], run.dev, g)
-    if run.master:
-        writable_dir(cfg['out_dir'])
+    writable_dir(cfg['out_dir'])  # in every process: a usage error that all of them stop on
+    saved = cfg['resume']  # whether out_dir/ckpt.pt is this run's (a resumed run's is)
+    if not saved and os.path.exists(ckpt_path) and run.master:
+        print(f"note: {ckpt_path} is an earlier run's; this run replaces it at its first save (--resume continues it)")
     start_iter = iter_num
     t0, it0 = time.time(), iter_num  # the log's ms/iter: time since t0 over iterations since it0
     while True:
@@ -957,12 +963,13 @@ def main(argv):
             first_val_loss = vce if first_val_loss is None else first_val_loss
             if diverged(vce, first_val_loss) or not math.isfinite(tce + vsl):
                 raise UsageError(f"training diverged at iter {iter_num} (val ce {vce:.4g}, it started at "
-                                 f"{first_val_loss:.4g}) and stopped; {last_checkpoint(ckpt_path)}. "
+                                 f"{first_val_loss:.4g}) and stopped; {last_checkpoint(ckpt_path, saved)}. "
                                  f"Try a lower learning_rate or alpha.")
             best_val_loss = min(best_val_loss, vce)
             if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
                 save_checkpoint(ckpt_path, checkpoint_of(raw_model, optimizer, iter_num, best_val_loss,
                                                          first_val_loss, cfg))
+                saved = True
                 print(f"saved {ckpt_path}")
             t0, it0 = time.time(), iter_num
         if iter_num >= cfg['max_iters']:
@@ -970,7 +977,7 @@ def main(argv):
         loss, norm = train_step(model, optimizer, lambda: batch('train'), run, cfg['grad_clip'])
         if not run.scaler.is_enabled() and not (math.isfinite(loss) and math.isfinite(norm)):
             raise UsageError(f"loss {loss}, gradient norm {norm} at iter {iter_num}: training diverged and "
-                             f"stopped; {last_checkpoint(ckpt_path)}. Try a lower learning_rate or alpha.")
+                             f"stopped; {last_checkpoint(ckpt_path, saved)}. Try a lower learning_rate or alpha.")
         iter_num += 1
         if run.master and iter_num % cfg['log_interval'] == 0:
             dt = (time.time() - t0) / (iter_num - it0)
@@ -1003,6 +1010,12 @@ def command(main, argv, interrupted="a checkpoint is only ever replaced whole: t
         if speak:
             print(f"error: interrupted; {interrupted}", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if speak:
+            raise
+        # under torchrun, when the first process stops (it says why), the others' collective calls fail
+        print(f"error: process {os.environ['RANK']} stopped: {str(e).splitlines()[0][:160]}", file=sys.stderr)
+        return 1
 
 if __name__ == '__main__':
     sys.exit(command(main, sys.argv[1:]))
