@@ -927,8 +927,8 @@ def test_topoformer_config_presets_and_task_defaults():
     # --preset=paper is the official BERT: cramming_local arch/bert-c5_topo + train/bert-o3
     cfg, _ = tf.config_of(['--preset=paper'])
     official = dict(n_layer=16, n_head=1, n_embd=784, ffn_size=3072, block_size=128, sq=0.3, sr=0.3, wrap=True,
-                    dense_proj=True, dropout=0.0, learning_rate=1e-3, beta1=0.9, beta2=0.98, weight_decay=0.01,
-                    grad_clip=0.5, sr_nonneg=True)
+                    dense_proj=True, dropout=0.0, learning_rate=1e-3, beta1=0.9, beta2=0.98, adam_eps=1e-12,
+                    weight_decay=0.01, grad_clip=0.5, sr_nonneg=True)
     assert {k: cfg[k] for k in official} == official
     assert cfg['batch_size'] * cfg['gradient_accumulation_steps'] == 4096  # sequences per step
 

@@ -94,6 +94,7 @@ max_iters = 2500  # >= 1: optimizer steps of the whole run
 weight_decay = 0.01  # >= 0: on 2-D weights (matmuls, embeddings)
 beta1 = 0.9  # [0, 1): AdamW's decay of the gradient's mean
 beta2 = 0.98  # [0, 1): AdamW's decay of the gradient's square
+adam_eps = 1e-8  # > 0: AdamW's epsilon (PyTorch's default; the official BERT's is 1e-12)
 grad_clip = 0.5  # >= 0: clip the gradient norm at this value; 0 = no clipping
 # learning rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
 warmup_iters = 100  # >= 0: steps of linear warmup
@@ -126,13 +127,14 @@ TASK_DEFAULTS = {
 
 PRESETS = {
     # the paper's BERT (cramming_local's arch/bert-c5_topo + train/bert-o3): 16 layers, 28 x 28 grid, one
-    # head, GELU-GLU 3072, a dense layer after SR, sequence 128, sq = sr = 0.3, AdamW 1e-3 (0.9, 0.98) wd
-    # 0.01, clip 0.5, 4096 sequences per step, and no dropout at all: the official pretraining runs the
-    # model in eval mode (pretrain_in_train_mode: False). The step count and the cosine schedule are ours
-    # (cramming: a 12-hour budget), and so is the corpus: FineWeb-Edu, as for topo_gpt.py.
+    # head, GELU-GLU 3072, a dense layer after SR, sequence 128, sq = sr = 0.3, AdamW 1e-3 (0.9, 0.98),
+    # eps 1e-12, wd 0.01, clip 0.5, 4096 sequences per step, and no dropout at all: the official
+    # pretraining runs the model in eval mode (pretrain_in_train_mode: False). Ours, not the official: the
+    # step count and the cosine schedule (cramming: a 12-hour budget, and a batch that ramps up to 4096
+    # over its first 300k micro-batches), and the corpus, FineWeb-Edu, as for topo_gpt.py.
     'paper': dict(dataset='fineweb-edu', n_layer=16, n_head=1, n_embd=784, ffn_size=3072, block_size=128,
                   dropout=0.0, dense_proj=True, sq=0.3, sr=0.3, batch_size=128, gradient_accumulation_steps=32,
-                  learning_rate=1e-3, weight_decay=0.01, beta1=0.9, beta2=0.98, grad_clip=0.5,
+                  learning_rate=1e-3, weight_decay=0.01, beta1=0.9, beta2=0.98, adam_eps=1e-12, grad_clip=0.5,
                   warmup_iters=1000, max_iters=20000, min_lr=1e-5, eval_interval=1000, eval_iters=100),
     # the five-minute classroom loop (README, "Classroom"): a model and its control in about a minute each
     'classroom': dict(n_layer=2, n_head=1, n_embd=256, ffn_size=1024, block_size=64, batch_size=16,
@@ -464,13 +466,15 @@ class Topoformer(nn.Module):
             return logits, loss, OrderedDict(zip(self.map_names, maps))
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # weight decay on 2-D tensors (matmul weights, embeddings), none on biases and LayerNorms
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
+        # weight decay on 2-D tensors (matmul weights, embeddings), none on biases and LayerNorms. (The
+        # official BERT exempts by name, and its LayerNorms' names miss its keys: it decays their weights.)
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if use_fused else {}))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps,
+                                 **(dict(fused=True) if use_fused else {}))
 
     def flops_per_token(self):
         """Training flops per token (PaLM appendix B, as nanoGPT); the vocab projection counts only for
@@ -832,7 +836,7 @@ def benchmark(model_args, cfg, run):
         torch.manual_seed(cfg['seed'])
         model = build_model({**model_args, 'sq': sq, 'sr': sr}).to(run.dev)
         optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                               (cfg['beta1'], cfg['beta2']), run.device_type)
+                                               (cfg['beta1'], cfg['beta2']), run.device_type, cfg['adam_eps'])
         compiled = torch.compile(model) if cfg['compile'] else model
         step = lambda m=compiled, o=optimizer: train_step(m, o, lambda: (X, Y), run, cfg['grad_clip'])
         steps[f"{name} (sq={sq}, sr={sr})"] = (step, model.flops_per_token())
@@ -964,7 +968,7 @@ def main(argv):
         iter_num, best_val_loss, first_val_loss = ckpt['iter_num'], ckpt['best_val_loss'], ckpt.get('first_val_loss')
     model.to(run.dev)
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'],
-                                           (cfg['beta1'], cfg['beta2']), run.device_type)
+                                           (cfg['beta1'], cfg['beta2']), run.device_type, cfg['adam_eps'])
     if ckpt is not None:
         optimizer.load_state_dict(ckpt['optimizer'])
         if run.ddp:  # only rank 0's generator state is saved: give each rank its own stream again
