@@ -932,7 +932,7 @@ def main(argv):
               f"sequences, {tokens_per_iter:,} tokens per iteration")
     if cfg['compile']:
         if run.master:
-            print("compiling the model... (about half a minute on a CPU, during the first step)")
+            print("compiling the model... (under a minute on a CPU, during the first steps)")
         # torch's compiler warns about its own internals (FutureWarning): nothing a user can act on
         warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\._inductor')
         model = torch.compile(model)

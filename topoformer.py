@@ -1006,7 +1006,7 @@ def main(argv):
         print(f"note: {ckpt_path} is an earlier run's; this run replaces it at its first save (--resume continues it)")
     if cfg['compile']:
         if run.master:
-            print("compiling the model... (about half a minute on a CPU, during the first step)")
+            print("compiling the model... (under a minute on a CPU, during the first steps)")
         # torch's compiler warns about its own internals (FutureWarning): nothing a user can act on
         warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\._inductor')
         model = torch.compile(model)
