@@ -73,6 +73,14 @@ def assert_one_line_error(code, err, *words, exit_code=2):
     for w in words:
         assert w.lower() in lines[0].lower(), (w, lines[0])
 
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, even where this run's SIGINT is ignored (a job
+    started in the background of a shell ignores it, and Python then keeps it ignored)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
 def gpt2():
     """The GPT-2 tokenizer, or a skip that says what to set."""
     import tiktoken
@@ -443,7 +451,7 @@ def test_divergence_never_replaces_a_good_checkpoint(tiny_data, tmp_path, capsys
     assert_one_line_error(code, err, 'diverged', 'no checkpoint was saved')
     assert open(path, 'rb').read() == good
 
-def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tiny_data, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tiny_data, tmp_path, capsys, monkeypatch, ctrl_c):
     real_save = torch.save
     def save_with_ctrl_c(obj, f, *a, **k):  # Ctrl-C arrives in the middle of writing the checkpoint
         f.write(b'PK partial ')
@@ -1072,7 +1080,7 @@ def test_pieces_encode_like_the_whole(source):
     assert len(parts) > 50 and ''.join(parts) == text
     assert [t for p in parts for t in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
 
-def test_ctrl_c_while_tokenizing_leaves_no_files(tmp_path, capsys):
+def test_ctrl_c_while_tokenizing_leaves_no_files(tmp_path, capsys, ctrl_c):
     gpt2()
     def docs():
         yield 'train', 'some text ' * 100
@@ -1101,7 +1109,7 @@ def between_the_renames(monkeypatch, event):
             event()
     monkeypatch.setattr(os, 'replace', replace)
 
-def test_ctrl_c_during_the_switch_leaves_the_new_dataset_whole(old_dataset, capsys, monkeypatch):
+def test_ctrl_c_during_the_switch_leaves_the_new_dataset_whole(old_dataset, capsys, monkeypatch, ctrl_c):
     between_the_renames(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGINT))
     code, _, err = prepare(old_dataset, capsys, '--input=new.txt', '--name=c')
     assert_one_line_error(code, err, 'interrupted', exit_code=130)
