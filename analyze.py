@@ -56,8 +56,9 @@ mean_* = the mean over the maps; difference = model - control. percent_selective
 q < fdr and t > 0 (selective for the first condition), percent_selective_second the same with t < 0;
 both from the unsmoothed t-maps, as are the patches and the figures. *_smoothed: the smoothed read-out
 (null when fwhm = 0); percent_selective_smoothed is the official localizer's selectivity (smoothed
-responses, then t, FDR and t > 0). *_null: {mean, sd} over the n_shuffles redraws of the labels; *_scattered: the
-same over shuffles of the selective units' places. A number that does not exist (NaN) is null.
+responses, then t, FDR and t > 0). *_null: {mean, sd} over the n_shuffles redraws of the labels;
+*_scattered: the same over shuffles of the selective units' places. A number that does not exist (NaN)
+is null.
 """
 
 import os

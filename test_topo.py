@@ -16,6 +16,7 @@ import sys
 import json
 import math
 import errno
+import pickle
 import random
 import signal
 import tarfile
@@ -394,6 +395,15 @@ def test_official_checkpoint_reproduces_the_official_model():
 
 # -----------------------------------------------------------------------------
 # topo_gpt.py: training, checkpoints, resume
+
+def test_official_positions_of_another_size_are_one_clear_error(tmp_path):
+    import types
+    folder = needs_shared(OFFICIAL)
+    for name in ('layer.0.attn', 'layer.0.mlp', 'layer.1.attn', 'layer.1.mlp'):  # the places of 28 x 28 maps
+        with open(tmp_path / f'{name}.pkl', 'wb') as f:
+            pickle.dump(types.SimpleNamespace(coordinates=np.zeros((784, 2))), f)
+    with pytest.raises(ValueError, match=r'place 784 units, but the model.s maps have n_embed='):
+        GPT.from_official(os.path.join(folder, 'ckpt.pt'), str(tmp_path))
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_resume_is_bit_exact(tiny_data, tmp_path, capsys, dtype):

@@ -522,8 +522,8 @@ class GPT(nn.Module):
             layer = read_pickled(file).__dict__
             coords.append(torch.as_tensor(layer['coordinates']))
             if coords[-1].shape != (args['n_embed'], 2):
-                raise ValueError(f"the unit positions {file} place {coords[-1].shape[0]} units, but the model's maps "
-                                 f"have n_embed={args['n_embed']}: positions of another model size?")
+                raise ValueError(f"the unit positions {file} place {coords[-1].shape[0]} units, but the "
+                                 f"model's maps have n_embed={args['n_embed']}: positions of another model size?")
             window = int(torch.as_tensor(layer['neighborhood_indices'])[0].sum())  # (2 radius - 1)^2 units
             radius, n_neighborhoods = (math.isqrt(window) + 1) // 2, int(layer['neighborhoods_per_batch'])
         config = GPTConfig(n_layer=args['n_layer'], n_head=args['n_head'], n_embd=args['n_embed'],
@@ -948,7 +948,8 @@ def main(argv):
     writable_dir(cfg['out_dir'])  # in every process: a usage error that all of them stop on
     saved = cfg['resume']  # whether out_dir/ckpt.pt is this run's (a resumed run's is)
     if not saved and os.path.exists(ckpt_path) and run.master:
-        print(f"note: {ckpt_path} is an earlier run's; this run replaces it at its first save (--resume continues it)")
+        print(f"note: {ckpt_path} is an earlier run's; this run replaces it at its first save "
+              f"(--resume continues it)")
     start_iter = iter_num
     t0, it0 = time.time(), iter_num  # the log's ms/iter: time since t0 over iterations since it0
     while True:

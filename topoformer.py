@@ -1003,7 +1003,8 @@ def main(argv):
     writable_dir(cfg['out_dir'])  # in every process: a usage error that all of them stop on
     saved = cfg['resume']  # whether out_dir/ckpt.pt is this run's (a resumed run's is)
     if not saved and os.path.exists(ckpt_path) and run.master:
-        print(f"note: {ckpt_path} is an earlier run's; this run replaces it at its first save (--resume continues it)")
+        print(f"note: {ckpt_path} is an earlier run's; this run replaces it at its first save "
+              f"(--resume continues it)")
     if cfg['compile']:
         if run.master:
             print("compiling the model... (under a minute on a CPU, during the first steps)")
