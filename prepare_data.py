@@ -462,7 +462,8 @@ def command(main, argv, interrupted="a checkpoint is only ever replaced whole: t
         if speak:
             raise
         # under torchrun, when the first process stops (it says why), the others' collective calls fail
-        print(f"error: process {os.environ['RANK']} stopped: {str(e).splitlines()[0][:160]}", file=sys.stderr)
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        print(f"error: process {os.environ['RANK']} stopped: {reason}", file=sys.stderr)
         return 1
 
 

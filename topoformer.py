@@ -897,7 +897,9 @@ def checkpoint_of(model, optimizer, iter_num, best_val_loss, first_val_loss, cfg
 
 def last_checkpoint(path, saved=True):
     """What a stopped run leaves behind; saved: whether path is this run's (or the resumed run's)."""
-    return f"the last good checkpoint, {path}, is intact" if saved and os.path.exists(path) else "no checkpoint was saved"
+    if saved and os.path.exists(path):
+        return f"the last good checkpoint, {path}, is intact"
+    return "no checkpoint was saved"
 
 def load_checkpoint(path):
     """A checkpoint of this script, checked for everything a resume or from_checkpoint reads."""
@@ -1082,7 +1084,8 @@ def command(main, argv, interrupted="a checkpoint is only ever replaced whole: t
         if speak:
             raise
         # under torchrun, when the first process stops (it says why), the others' collective calls fail
-        print(f"error: process {os.environ['RANK']} stopped: {str(e).splitlines()[0][:160]}", file=sys.stderr)
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        print(f"error: process {os.environ['RANK']} stopped: {reason}", file=sys.stderr)
         return 1
 
 if __name__ == '__main__':
