@@ -570,6 +570,11 @@ def test_bench_prints_dtype_ratio_and_gflops(capsys):
     assert 'batch 4 x 32 x 1 accum, float32' in out and 'GFLOP/s' in out and 'spatial loss off' in out
     ratio = float(out.split('ratio of the two: ')[1].split()[0])
     assert 0.3 < ratio < 3
+    # the loss alone: TINY_CLI's 2 layers x 2 maps, 3 windows of 5 x 5 units, 4 x 32 tokens
+    alone = out.split('the spatial loss alone, forward and backward (')[1]
+    assert alone.startswith('4 maps x 3 windows of 25 units, 128 tokens): ')
+    ms, share = alone.split('): ')[1].split(' ms, ')
+    assert float(ms) > 0 and 0 < float(share.split('%')[0]) < 100
 
 def test_compile_runs_steps(tiny_data, tmp_path, capsys):
     code, out, err = cli(topo_gpt.main, gpt_run(tiny_data, tmp_path, '--compile', '--max_iters=2',

@@ -18,7 +18,7 @@ training, checkpointing, and the training loop itself, main().
     python topo_gpt.py --preset=paper       # the paper's model and optimisation
     python topo_gpt.py --compile --out_dir=out_big --batch_size=32
     torchrun --standalone --nproc_per_node=4 topo_gpt.py --preset=paper
-    python topo_gpt.py --bench              # ms/step with the spatial loss on and off
+    python topo_gpt.py --bench              # ms/step with the spatial loss on and off, and the loss alone
 """
 
 import os
@@ -88,7 +88,7 @@ device = 'auto'  # auto = cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps
 dtype = 'auto'  # auto|float32|bfloat16|float16: auto = bf16 on CUDA (else fp16) and on CPUs with native bf16
 compile = False  # compile the model with torch.compile
 seed = 1337  # >= 0: seeds the batches, the windows and the units' places
-bench = False  # time training steps with the spatial loss on and off, then exit
+bench = False  # time training steps with the spatial loss on and off, and the loss alone, then exit
 preset = ''  # a named set of overrides, applied before the other keys (see PRESETS)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
@@ -742,7 +742,7 @@ def compare_steps(steps, tokens, run, rounds=10, block=4):
     second, in one process: in each round each runs block + 1 steps in turn, the order alternating and
     the first step after a switch not timed, so that drifting machine speed hits both alike and each is
     measured in its steady state. Prints ms/step, tokens/s, peak memory, GFLOP/s (CPU) or MFU (CUDA) and
-    the ratio of the two.
+    the ratio of the two; returns the median seconds per step of each.
     """
     import resource
     cuda = run.device_type == 'cuda'
@@ -775,10 +775,12 @@ def compare_steps(steps, tokens, run, rounds=10, block=4):
     a, b = (np.array(t) for t in times.values())
     print(f"ratio of the two: {np.median(a) / np.median(b):.3f} (medians), {np.median(a / b):.3f} "
           f"(median of the {rounds} rounds)")
+    return {label: float(np.median(t)) for label, t in times.items()}
 
 def benchmark(model, raw_model, optimizer, cfg, run):
     """ms/step with the spatial loss on (alpha as configured, 2.5 for a control) and off (alpha=0), on
-    random tokens."""
+    random tokens; then the spatial loss by itself, forward and backward, on the maps of one batch: what
+    it costs apart from the rest of the step (and what a replaced spatial_correlation_loss costs)."""
     alpha = raw_model.config.alpha or 2.5
     X = torch.randint(0, 50257, (run.batch_size, cfg['block_size'] + 1), generator=torch.Generator().manual_seed(0))
     X = X.to(run.dev)
@@ -788,9 +790,29 @@ def benchmark(model, raw_model, optimizer, cfg, run):
         raw_model.config.alpha = a
         train_step(model, optimizer, next_batch, run, cfg['grad_clip'])
     flops = raw_model.flops_per_token()
-    compare_steps({f'spatial loss on (alpha={alpha})': (lambda: step(alpha), flops),
-                   'spatial loss off (alpha=0)': (lambda: step(0.0), flops)},
-                  run.batch_size * cfg['block_size'] * run.accum, run)
+    medians = compare_steps({f'spatial loss on (alpha={alpha})': (lambda: step(alpha), flops),
+                             'spatial loss off (alpha=0)': (lambda: step(0.0), flops)},
+                            run.batch_size * cfg['block_size'] * run.accum, run)
+    with torch.no_grad(), run.ctx:
+        _, _, maps = raw_model(next_batch()[0], return_maps=True)
+    maps = [m.requires_grad_() for m in maps.values()]  # leaves in the run's dtype, as in a step
+
+    def loss_alone():
+        for m in maps:
+            m.grad = None
+        with run.ctx:
+            raw_model.spatial_loss_of(maps).backward()
+        if run.device_type == 'cuda':
+            torch.cuda.synchronize()
+    times = []
+    for _ in range(23):  # the first 3 warm up
+        t = time.perf_counter()
+        loss_alone()
+        times.append(time.perf_counter() - t)
+    s, c = float(np.median(times[3:])), raw_model.config
+    print(f"the spatial loss alone, forward and backward ({len(maps)} maps x {c.n_neighborhoods} windows of "
+          f"{(2 * c.radius - 1) ** 2} units, {maps[0].shape[0] * maps[0].shape[1]:,} tokens): {s * 1000:.1f} ms, "
+          f"{s / medians['spatial loss off (alpha=0)'] * 100:.1f}% of a step without it")
 
 # -----------------------------------------------------------------------------
 # Checkpointing

@@ -786,7 +786,7 @@ def compare_steps(steps, tokens, run, rounds=10, block=4):
     second, in one process: in each round each runs block + 1 steps in turn, the order alternating and
     the first step after a switch not timed, so that drifting machine speed hits both alike and each is
     measured in its steady state. Prints ms/step, tokens/s, peak memory, GFLOP/s (CPU) or MFU (CUDA) and
-    the ratio of the two.
+    the ratio of the two; returns the median seconds per step of each.
     """
     import resource
     cuda = run.device_type == 'cuda'
@@ -819,6 +819,7 @@ def compare_steps(steps, tokens, run, rounds=10, block=4):
     a, b = (np.array(t) for t in times.values())
     print(f"ratio of the two: {np.median(a) / np.median(b):.3f} (medians), {np.median(a / b):.3f} "
           f"(median of the {rounds} rounds)")
+    return {label: float(np.median(t)) for label, t in times.items()}
 
 def benchmark(model_args, cfg, run):
     """ms/step of the Topoformer (sq, sr as configured, 0.3 where they are 1) and of its control
