@@ -809,10 +809,10 @@ def benchmark(model, raw_model, optimizer, cfg, run):
         t = time.perf_counter()
         loss_alone()
         times.append(time.perf_counter() - t)
-    s, c = float(np.median(times[3:])), raw_model.config
-    print(f"the spatial loss alone, forward and backward ({len(maps)} maps x {c.n_neighborhoods} windows of "
-          f"{(2 * c.radius - 1) ** 2} units, {maps[0].shape[0] * maps[0].shape[1]:,} tokens): {s * 1000:.1f} ms, "
-          f"{s / medians['spatial loss off (alpha=0)'] * 100:.1f}% of a step without it")
+    s, c, (B, T, _) = float(np.median(times[3:])), raw_model.config, maps[0].shape
+    print(f"the spatial loss alone, forward and backward ({len(maps)} maps x {c.n_neighborhoods} "
+          f"window{'s' * (c.n_neighborhoods != 1)} of {(2 * c.radius - 1) ** 2} units, {B * T:,} tokens): "
+          f"{s * 1000:.1f} ms, {s / medians['spatial loss off (alpha=0)'] * 100:.1f}% of a step without it")
 
 # -----------------------------------------------------------------------------
 # Checkpointing
