@@ -789,9 +789,9 @@ def benchmark(model, raw_model, optimizer, cfg, run):
     def step(a):
         raw_model.config.alpha = a
         train_step(model, optimizer, next_batch, run, cfg['grad_clip'])
-    flops = raw_model.flops_per_token()
+    flops, off = raw_model.flops_per_token(), 'spatial loss off (alpha=0)'
     medians = compare_steps({f'spatial loss on (alpha={alpha})': (lambda: step(alpha), flops),
-                             'spatial loss off (alpha=0)': (lambda: step(0.0), flops)},
+                             off: (lambda: step(0.0), flops)},
                             run.batch_size * cfg['block_size'] * run.accum, run)
     with torch.no_grad(), run.ctx:
         _, _, maps = raw_model(next_batch()[0], return_maps=True)
@@ -809,10 +809,10 @@ def benchmark(model, raw_model, optimizer, cfg, run):
         t = time.perf_counter()
         loss_alone()
         times.append(time.perf_counter() - t)
-    s, c, (B, T, _) = float(np.median(times[3:])), raw_model.config, maps[0].shape
-    print(f"the spatial loss alone, forward and backward ({len(maps)} maps x {c.n_neighborhoods} "
-          f"window{'s' * (c.n_neighborhoods != 1)} of {(2 * c.radius - 1) ** 2} units, {B * T:,} tokens): "
-          f"{s * 1000:.1f} ms, {s / medians['spatial loss off (alpha=0)'] * 100:.1f}% of a step without it")
+    s, k, (B, T, _) = float(np.median(times[3:])), raw_model.config.n_neighborhoods, maps[0].shape
+    print(f"the spatial loss alone, forward and backward ({len(maps)} maps x {k} window{'s' * (k != 1)} of "
+          f"{raw_model.window_places.size(1)} units, {B * T:,} tokens): {s * 1000:.1f} ms, "
+          f"{s / medians[off] * 100:.1f}% of a step without it")
 
 # -----------------------------------------------------------------------------
 # Checkpointing
