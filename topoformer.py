@@ -811,15 +811,16 @@ def compare_steps(steps, tokens, run, rounds=10, block=4):
                 step()
             sync()
             times[label].append((time.perf_counter() - t) / block)
+    medians = {label: float(np.median(t)) for label, t in times.items()}
     for label, (_, flops_per_token) in steps.items():
-        s = float(np.median(times[label]))
+        s = medians[label]
         flops = flops_per_token * tokens / s
         print(f"{label:34s} {s * 1000:8.1f} ms/step  {tokens / s:9,.0f} tok/s  peak {peak[label]:7,.0f} MiB  "
               + (f"mfu {flops / 312e12 * 100:.1f}%" if cuda else f"{flops / 1e9:5.1f} GFLOP/s"))
     a, b = (np.array(t) for t in times.values())
-    print(f"ratio of the two: {np.median(a) / np.median(b):.3f} (medians), {np.median(a / b):.3f} "
-          f"(median of the {rounds} rounds)")
-    return {label: float(np.median(t)) for label, t in times.items()}
+    ma, mb = medians.values()
+    print(f"ratio of the two: {ma / mb:.3f} (medians), {np.median(a / b):.3f} (median of the {rounds} rounds)")
+    return medians
 
 def benchmark(model_args, cfg, run):
     """ms/step of the Topoformer (sq, sr as configured, 0.3 where they are 1) and of its control
