@@ -616,6 +616,22 @@ def test_a_process_whose_peer_stopped_says_so_in_one_line(monkeypatch, capsys):
     with pytest.raises(RuntimeError):
         topo_gpt.command(peer_gone, [])
 
+def test_under_torchrun_the_others_wait_for_the_first_to_name_a_bad_input(monkeypatch, capsys):
+    # torchrun stops every process once one exits: a process other than the first that met the bad input
+    # first must not exit before the first has printed it (else nobody says why). Here nobody stops it.
+    def bad(argv):
+        raise topo_gpt.UsageError('--batch_size=0: must be >= 1')
+    waits = []
+    monkeypatch.setattr(topo_gpt.time, 'sleep', waits.append)
+    monkeypatch.setenv('RANK', '1')
+    code = topo_gpt.command(bad, [])
+    assert waits == [30]
+    assert_one_line_error(code, capsys.readouterr().err, 'error: process 1: --batch_size=0')
+    monkeypatch.setenv('RANK', '0')  # the first process says it at once
+    code = topo_gpt.command(bad, [])
+    assert waits == [30]
+    assert_one_line_error(code, capsys.readouterr().err, 'error: --batch_size=0')
+
 def test_topolm_command_line(tiny_data, tmp_path):
     # the script itself, once: a run, --help with what every key does, and a bad key as one line
     p = run_script(['topo_gpt.py', *gpt_run(tiny_data, tmp_path, '--max_iters=1')])

@@ -1075,8 +1075,12 @@ def command(main, argv, interrupted="a checkpoint is only ever replaced whole: t
         main(argv)
         return 0
     except UsageError as e:
-        if speak:
-            print(f"error: {e}", file=sys.stderr)
+        if not speak:
+            # every process meets the same bad input, and torchrun stops the others as soon as one exits:
+            # wait, so that the first process is not stopped before it has said why. (Still here after
+            # the wait: the first process did not meet it, so say it here.)
+            time.sleep(30)
+        print(f"error: {e}" if speak else f"error: process {os.environ['RANK']}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if speak:
