@@ -1023,7 +1023,7 @@ def main(argv):
 
 def command(main, argv, interrupted="a checkpoint is only ever replaced whole: the last one saved is intact"):
     """Run main as a command: a UsageError is one line on stderr and exit 2, Ctrl-C exit 130; under
-    torchrun only the first process speaks."""
+    torchrun the first process speaks for all, the others only of what it did not meet."""
     speak = int(os.environ.get('RANK', 0)) == 0
     try:
         main(argv)
