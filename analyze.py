@@ -5,24 +5,25 @@ al. 2025, the official eval/: responses.py, hrf.py, visualize.py, localize.py, m
 with numpy alone, and a null beside every number.
 
 Takes a checkpoint of topo_gpt.py (TopoLM), of topoformer.py (Topoformer) or of the official TopoLM code
-(the published models), recognised from the file, runs stimulus suites through it, and for every
-spatial map the model exposes and every contrast of two conditions computes
-  - the t-map: Welch's t per unit between the two conditions' responses (a unit's response to a
-    stimulus = its activation averaged over the stimulus's tokens);
-  - how smooth the t-map is, Moran's I, both unsmoothed and smoothed: the smoothed read-out first blurs
-    every stimulus's response map with a Gaussian of FWHM 2 grid units, as the paper does to read the
-    model out like fMRI voxels;
-  - the units selective for the first condition (Benjamini-Hochberg q < fdr over all units of all
-    maps, and t > 0) and the patches that selective units form;
+(the published models), recognised from the file, runs stimulus suites through it, and for every spatial
+map the model exposes and every contrast of two conditions computes
+  - the t-map: Welch's t per unit between the two conditions' responses (a unit's response to a stimulus
+    = its activation averaged over the stimulus's tokens);
+  - how smooth the t-map is, Moran's I, unsmoothed and smoothed: the smoothed read-out first blurs every
+    stimulus's response map with a Gaussian of FWHM 2 grid units, as the paper reads the model out;
+  - the units selective for the first condition (Benjamini-Hochberg q < fdr over all units of all maps,
+    and t > 0) and the patches that selective units form;
 and the same numbers with the labels redrawn (the null that tells functional clusters from mere
-smoothness: a smooth model makes any t-map smooth), and for the selective units at scattered places
-(the null for patches: many selective units touch by chance).
+smoothness: a smooth model makes any t-map smooth), and for the selective units at scattered places (the
+null for patches: many selective units touch by chance). A folder of snapshots (topo_gpt.py or
+topoformer.py with --snapshot_iters) is analysed at every step: the map as it forms.
 
-    python analyze.py out/ckpt.pt                                  # writes out/analysis/
-    python analyze.py out/ckpt.pt --control=out_control/ckpt.pt    # topographic vs control, side by side
+    python analyze.py out/ckpt.pt --control=out_control/ckpt.pt    # writes out/analysis/
     python analyze.py out/ckpt.pt --contrasts=language,noun_verb --fwhm=0
     python analyze.py out/ckpt.pt --stimuli=my_contrast.csv        # columns condition,text; 2 conditions
     python analyze.py official.pt --positions=gpt2-positions-5-5   # a published TopoLM checkpoint
+    python analyze.py out/snapshots/ --control=out_control/ckpt.pt # over training: out/snapshots/analysis/
+    python analyze.py out/ckpt.pt --control=out_control/ckpt.pt --sample="To be, or not to be"
 
 Contrasts (t = first condition - second) and their nulls (how the null redraws the labels):
     language            paired    sentences - non-word strings, 12 words, twins (Fedorenko et al. 2010)
@@ -35,34 +36,15 @@ Contrasts (t = first condition - second) and their nulls (how the null redraws t
 paired: the labels of each matched pair swap with probability 1/2; shuffled: the labels are permuted over
 all stimuli, group sizes kept. A --stimuli CSV is shuffled. (The official noun_verb is verbs - nouns.)
 
-Writes into out_dir: <contrast>.png (unsmoothed t-maps, layers x maps, the control's to the right,
-patches outlined), correlation_distance.png, and metrics.json:
-    config: every config key
-    model, control (null without --control): {checkpoint, model_type ('topolm' | 'topoformer'),
-      official, topographic, grid: [H, W], maps: [name], correlation_profile: {map: {distance, mean_r}},
-      contrasts: {name: {conditions: [first, second], n_stimuli: [n, n], null: 'paired' | 'shuffled',
-        n_shuffles, mean_morans_i, mean_morans_i_null, mean_morans_i_smoothed,
-        mean_morans_i_smoothed_null, percent_selective, percent_selective_second, percent_selective_null,
-        percent_selective_smoothed, percent_selective_smoothed_null,
-        maps: {map: {morans_i, morans_i_null, morans_i_smoothed, morans_i_smoothed_null,
-          percent_selective, percent_selective_second, percent_selective_null,
-          percent_selective_smoothed, percent_selective_smoothed_null,
-          patches: {positive: [sizes], negative: [sizes]}, n_patches, n_patches_null, largest_patch,
-          n_patches_scattered, largest_patch_scattered}}}}}
-    comparison (with --control): {name: {mean_morans_i: [model, control], difference,
-      mean_morans_i_smoothed: [model, control], difference_smoothed, percent_selective: [model, control],
-      percent_selective_smoothed: [model, control]}}
-mean_* = the mean over the maps; difference = model - control. percent_selective = % of units with
-q < fdr and t > 0 (selective for the first condition), percent_selective_second the same with t < 0;
-both from the unsmoothed t-maps, as are the patches and the figures. *_smoothed: the smoothed read-out
-(null when fwhm = 0); percent_selective_smoothed is the official localizer's selectivity (smoothed
-responses, then t, FDR and t > 0). *_null: {mean, sd} over the n_shuffles redraws of the labels;
-*_scattered: the same over shuffles of the selective units' places. A number that does not exist (NaN)
-is null.
+Writes into out_dir, each file whole (a folder holds this analysis or the one before): <contrast>.png
+(unsmoothed t-maps, layers x maps, the control's to the right, patches outlined), correlation_distance.png,
+and metrics.json (its keys: docs/results.md); for a folder of snapshots over_training.png,
+over_training_maps.png, over_training.gif and metrics.json with the list over_training.
 """
 
 import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads, as in the model scripts
+import re
 import sys
 import csv
 import json
@@ -77,26 +59,26 @@ import numpy as np
 import torch
 
 import topo_gpt
-from topo_gpt import UsageError, command, parse_args, read_config_notes
+from topo_gpt import UsageError, command, parse_config
 
 # -----------------------------------------------------------------------------
-# config: plain defaults, each overridable on the command line as --key=value (the first positional
-# argument is the checkpoint). A check before a comment's colon says which values are accepted.
-out_dir = ''  # where the PNGs and metrics.json go; '' = an 'analysis' folder beside the checkpoint
+# config, each key overridable as --key=value (the first argument is the checkpoint, or a folder of
+# snapshots); a check before a comment's colon says which values the command line accepts
+out_dir = ''  # where the PNGs and metrics.json go; '' = an 'analysis' folder beside the checkpoint(s)
 control = ''  # checkpoint of a non-topographic control of the same kind of model, shown beside it
 positions = ''  # folder of an official TopoLM checkpoint's layer.{i}.{attn,mlp}.pkl; '' = its position_dir
 contrasts = 'all'  # comma list of the contrasts above, or all
 stimuli = ''  # CSV with columns condition,text and exactly two conditions: replaces the built-in contrasts
-n_shuffles = 5  # >= 0: redraws of the labels per contrast, the null; 0 = none
-fwhm = 2.0  # >= 0: FWHM in grid units of the smoothed read-out's Gaussian (the paper's 2); 0 = unsmoothed only
-fdr = 0.05  # (0, 1): a unit is selective if its Benjamini-Hochberg q-value is below this (and t > 0)
-min_patch = 25  # >= 1: a patch = at least this many 4-connected selective units of one sign (TopoLM counts 25)
-batch_size = 64  # >= 1: stimuli per forward pass
-seed = 1337  # >= 0: draws the stimuli and the nulls
+n_shuffles = 5  # x >= 0: redraws of the labels per contrast, the null (per snapshot of a folder: 2); 0 = none
+fwhm = 2.0  # x >= 0: FWHM in grid units of the smoothed read-out's Gaussian (the paper's 2); 0 = unsmoothed only
+fdr = 0.05  # 0 < x < 1: a unit is selective if its Benjamini-Hochberg q-value is below this (and t > 0)
+min_patch = 25  # x >= 1: a patch = at least this many 4-connected selective units of one sign (TopoLM counts 25)
+batch_size = 64  # x >= 1: stimuli per forward pass
+sample = ''  # only print what the model and its control say: a TopoLM continues it, a Topoformer fills its [MASK]
+seed = 1337  # x >= 0: draws the stimuli, the nulls and the samples
 device = 'auto'  # auto = cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items()
-            if not k.startswith('_') and k.islower() and isinstance(v, (bool, int, float, str))}
+DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and isinstance(v, (bool, int, float, str))}
 
 # -----------------------------------------------------------------------------
 # Stimuli. Everything is written here and drawn from the seed, so a run is reproducible anywhere.
@@ -346,7 +328,8 @@ def load_model(path, positions_dir, device):
     try:
         ckpt = topo_gpt.read_pickled(path, torch_file=True)
     except Exception as e:
-        raise UsageError(f"{path} is not a torch checkpoint ({str(e).splitlines()[0][:150]})") from None
+        raise UsageError(f"{path} cannot be read as a checkpoint: it is damaged, cut short or no torch file "
+                         f"({type(e).__name__})") from None
     kind = ckpt.get('model_type') if isinstance(ckpt, dict) else None
     args = ckpt.get('model_args') if isinstance(ckpt, dict) else None
     official = kind is None and isinstance(args, dict) and 'n_embed' in args
@@ -374,14 +357,15 @@ def load_model(path, positions_dir, device):
     except ValueError as e:  # (from_official: no or bad position pickles, or a variant this repo lacks)
         hint = "; --positions=DIR names the folder of its position pickles" if official and 'position' in str(e) else ''
         raise UsageError(f"{path}: {str(e).splitlines()[0]}{hint}") from None
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise UsageError(f"{path}: could not rebuild the model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:150]})") from None
+    except (KeyError, TypeError, RuntimeError) as e:  # weights that do not fit the model their config describes
+        raise UsageError(f"{path}: its weights do not fit the model its config describes ({type(e).__name__}); a "
+                         f"file of another version of the script?") from None
     if kind == 'topoformer':
         topographic = model.config.sq < 1 or model.config.sr < 1  # sq = sr = 1: the control
     else:
         topographic = model.config.alpha > 0  # alpha = 0: the control
-    info = dict(checkpoint=path, model_type=kind or 'topolm', official=official, topographic=topographic)
+    info = dict(checkpoint=path, model_type=kind or 'topolm', official=official, topographic=topographic,
+                step=ckpt.get('iter_num'), losses=ckpt.get('losses'))
     return model, info
 
 def describe(info):
@@ -796,6 +780,13 @@ def analyze_model(model, info, suites, rows, texts, enc, cfg, device):
 # -----------------------------------------------------------------------------
 # Plotting
 
+def pyplot():
+    """matplotlib's pyplot, drawing into files (no screen needed), imported only when a figure is drawn."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
 def _layout(names):
     """Map names 'h.<layer>.<kind>' -> ({name: (row = layer, column = kind)}, n rows, n columns)."""
     keys = [tuple(n.split('.')[1:]) if n.count('.') == 2 else (n, '') for n in names]
@@ -811,14 +802,14 @@ def plot_contrast(path, blocks, title):
     left, its control on the right), one symmetric colour scale, patches outlined.
     blocks: [(model label, {map: (t, patch map)}, {map: metrics of the map})].
     """
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     layouts = [_layout(list(tm)) for _, tm, _ in blocks]
     n_rows = max(l[1] for l in layouts)
     # the blocks' columns, with a narrow empty column between two blocks
     ratios = [r for i, l in enumerate(layouts) for r in ([0.25] if i else []) + [1] * l[2]]
-    vmax = max(float(np.abs(t).max()) for _, tm, _ in blocks for t, _ in tm.values()) or 1.0
+    # one scale for both models, as the comparison needs, set by the 99th percentile of all |t|: a few extreme
+    # t-values of one model (the control's, often) would otherwise pale every other map
+    vmax = float(np.percentile(np.abs(np.concatenate([t.ravel() for _, tm, _ in blocks for t, _ in tm.values()])), 99)) or 1.0
     content = 2.0 * sum(ratios)  # inches of maps; plus 0.1 left, 1.3 right for the colour bar
     width, height = max(content + 1.4, 9.0), 2.3 * n_rows + 1.3  # at least 9 inches: room for the title
     pad = (width - content - 1.4) / 2  # centre narrow grids
@@ -844,16 +835,15 @@ def plot_contrast(path, blocks, title):
             ax.set_title(f"{label.split(':')[0] + ' ' if len(blocks) > 1 else ''}{m}\n"
                          f"Moran's I {_fmt(v['morans_i'])}{smoothed}", fontsize=8)
         col0 += n_kinds + 1
-    fig.colorbar(im, cax=fig.add_axes([1 - (1.05 + pad) / width, 0.2, 0.15 / width, 0.6]), label="Welch's t")
+    fig.colorbar(im, cax=fig.add_axes([1 - (1.05 + pad) / width, 0.2, 0.15 / width, 0.6]), extend='both',
+                 label=f"Welch's t (scale: the 99th percentile of |t|, {vmax:.1f})")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 def plot_profiles(path, models, title):
     """Correlation vs grid distance, one panel per model, one line per map (darker = deeper)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False, sharey=True)
     fig.subplots_adjust(left=0.8 / (5 * len(models)), right=0.98, bottom=0.13, top=0.85, wspace=0.1)
     for ax, (label, profiles) in zip(axes[0], models):
@@ -1006,16 +996,6 @@ def select_suites(cfg):
         texts += ts
     return suites, texts, rows
 
-def check_out_dir(path):
-    """Fail now, before any work, if out_dir is not a folder that can be made and written; it is made
-    only when the results are written (a refused run leaves nothing behind)."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        what = 'not a folder' if not os.path.isdir(existing) else 'not writable'
-        raise UsageError(f"--out_dir={path} cannot be written: {existing} is {what}")
-
 def load_models(ckpt_path, cfg, device):
     """The model and, with --control, its control: [(model, info)], checked to be of one kind."""
     loaded = [load_model(p, cfg['positions'], device) for p in [ckpt_path] + [cfg['control']] * bool(cfg['control'])]
@@ -1026,20 +1006,33 @@ def load_models(ckpt_path, cfg, device):
                          f"a control must be the same kind of model, trained without topography")
     return loaded
 
-def write_results(out, suites, results, tmaps, profiles, cfg):
-    """The figures and metrics.json. Returns the metrics."""
+def write_whole(out, files):
+    """files {name: write(path)} into out, each whole: written to a temporary file first, then all renamed at once
+    with Ctrl-C held off (metrics.json last), so that out holds this analysis or the one before, never a mix."""
     topo_gpt.writable_dir(out)
-    labels = [f"{role}: {describe(r)}" for r, role in zip(results, ['model', 'control'])]
-    smoothing = f"; in brackets: Moran's I smoothed (FWHM {cfg['fwhm']:g})" if cfg['fwhm'] > 0 else ''
-    for name, *_ in suites:
-        a, b = results[0]['contrasts'][name]['conditions']
-        title = (f"{name}: Welch's t of {a} - {b} per unit (unsmoothed)\n"
-                 f"outlined: patches (>= {cfg['min_patch']} selective units, BH q < {cfg['fdr']:g}){smoothing}\n"
-                 + '   |   '.join(labels))
-        blocks = [(lab, tm[name], r['contrasts'][name]['maps']) for lab, tm, r in zip(labels, tmaps, results)]
-        plot_contrast(os.path.join(out, f"{name}.png"), blocks, title)
-    plot_profiles(os.path.join(out, 'correlation_distance.png'), list(zip(labels, profiles)),
-                  "response correlation vs grid distance, over all stimuli (unsmoothed)")
+    tmp = {name: os.path.join(out, f'.tmp.{name}') for name in files}  # (the extension last: it names the format)
+    try:
+        os.makedirs(out, exist_ok=True)
+        for name, write in files.items():
+            write(tmp[name])
+        with topo_gpt.signals_deferred():
+            for name in sorted(files, key=lambda n: n == 'metrics.json'):
+                os.replace(tmp[name], os.path.join(out, name))
+    except OSError as e:
+        raise UsageError(f"could not write into {out} ({e.strerror or e}; a full disk?)") from None
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+
+def write_json(data):
+    def write(path):
+        with open(path, 'w') as f:
+            json.dump(_json_ready(data), f, indent=1)
+    return write
+
+def metrics_of(suites, results, cfg):
+    """metrics.json of one analysis: the config, the model's and the control's results, and their comparison."""
     metrics = dict(config=cfg, model=results[0], control=results[1] if len(results) > 1 else None)
     if len(results) > 1:
         each = lambda name, key: [r['contrasts'][name][key] for r in results]
@@ -1051,23 +1044,206 @@ def write_results(out, suites, results, tmaps, profiles, cfg):
                         percent_selective=each(name, 'percent_selective'),
                         percent_selective_smoothed=each(name, 'percent_selective_smoothed')))
             for name, *_ in suites)
-    with open(os.path.join(out, 'metrics.json'), 'w') as f:
-        json.dump(_json_ready(metrics), f, indent=1)
     return metrics
+
+def write_results(out, suites, results, tmaps, profiles, cfg):
+    """The figures and metrics.json of one checkpoint (and its control). Returns the metrics."""
+    labels = [f"{role}: {describe(r)}" for r, role in zip(results, ['model', 'control'])]
+    smoothing = f"; in brackets: Moran's I smoothed (FWHM {cfg['fwhm']:g})" if cfg['fwhm'] > 0 else ''
+    files = {}
+    for name, *_ in suites:
+        a, b = results[0]['contrasts'][name]['conditions']
+        title = (f"{name}: Welch's t of {a} - {b} per unit (unsmoothed)\n"
+                 f"outlined: patches (>= {cfg['min_patch']} selective units, BH q < {cfg['fdr']:g}){smoothing}\n"
+                 + '   |   '.join(labels))
+        blocks = [(lab, tm[name], r['contrasts'][name]['maps']) for lab, tm, r in zip(labels, tmaps, results)]
+        files[f"{name}.png"] = lambda path, blocks=blocks, title=title: plot_contrast(path, blocks, title)
+    files['correlation_distance.png'] = lambda path: plot_profiles(path, list(zip(labels, profiles)),
+                                                                   "response correlation vs grid distance, over all "
+                                                                   "stimuli (unsmoothed)")
+    metrics = metrics_of(suites, results, cfg)
+    files['metrics.json'] = write_json(metrics)
+    write_whole(out, files)
+    return metrics
+
+# -----------------------------------------------------------------------------
+# Hear the model: what a TopoLM says after a prompt, what a Topoformer puts where it says [MASK]
+
+DEFAULT_PROMPTS = {'topolm': "To be, or not to be", 'topoformer': "To be, or not to [MASK], that is the question."}
+
+def say(model, info, prompt, enc, cfg, device, n_tokens=30, k=5):
+    """One line of what the model makes of prompt: a TopoLM's continuation (nanoGPT's sampling: temperature 0.8,
+    the 200 likeliest tokens, seeded), a Topoformer's k likeliest tokens at each [MASK]. Starts with the prompt."""
+    if not prompt.strip():
+        raise UsageError("--sample: the prompt is empty")
+    T = model.config.block_size
+    if info['model_type'] == 'topolm':
+        idx = torch.tensor([enc.encode_ordinary(prompt)], device=device)
+        g = torch.Generator(device=device).manual_seed(cfg['seed'])
+        out = model.generate(idx, n_tokens, temperature=0.8, top_k=200, generator=g)[0, idx.size(1):].tolist()
+        cropped = f" [the first {idx.size(1) - T} tokens lie beyond the context of {T}]" * (idx.size(1) > T)
+        return (prompt + enc.decode(out) + cropped).replace('\n', ' / ')
+    import topoformer
+    parts = prompt.split('[MASK]')
+    if len(parts) < 2:
+        raise UsageError("--sample: a Topoformer fills [MASK]: write [MASK] where it should guess a word")
+    ids = sum(([topoformer.MASK_ID] * (i > 0) + enc.encode_ordinary(p) for i, p in enumerate(parts)), [])
+    if topoformer.MASK_ID not in ids[-T:]:
+        raise UsageError(f"--sample: no [MASK] within the model's last {T} tokens of the prompt")
+    probs, top = model.fill_mask(torch.tensor([ids[-T:]], device=device), k)
+    guesses = ['[MASK] = ' + ', '.join(f"{enc.decode([t])!r} {p:.2f}" for t, p in zip(ts.tolist(), ps.tolist()))
+               for ps, ts in zip(probs, top)]
+    return f"{prompt} -> {'; '.join(guesses)}"
+
+def print_samples(loaded, prompt, enc, cfg, device):
+    """The model's line beside its control's, on the same prompt."""
+    prompt = prompt or DEFAULT_PROMPTS[loaded[0][1]['model_type']]
+    for (model, info), role in zip(loaded, ['model', 'control']):
+        print(f"{role + ':':9s}{say(model, info, prompt, enc, cfg, device)}")
+
+# -----------------------------------------------------------------------------
+# Over training: a folder of snapshots, each analysed, the map forming step by step
+
+def snapshot_files(folder):
+    """The snapshots of a folder (step_<iter>.pt, as topo_gpt.py and topoformer.py write them), in step order."""
+    files = sorted(f for f in os.listdir(folder) if re.fullmatch(r'step_\d+\.pt', f))
+    if not files:
+        raise UsageError(f"{folder} holds no snapshots (step_*.pt): train with --snapshot_iters=log, or give a checkpoint")
+    return [os.path.join(folder, f) for f in files]
+
+def plot_over_training(path, entries, control, names):
+    """Per contrast, the mean Moran's I of the model's t-maps at each step beside its shuffled-label null (mean and
+    spread) and the control's, the validation loss on a second axis."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    steps = [e['step'] for e in entries]
+    for ax, name in zip(axes[0], names):
+        c = [e['contrasts'][name] for e in entries]
+        i = np.array([_nan(x['mean_morans_i']) for x in c])
+        null = np.array([[_nan(x['mean_morans_i_null']['mean']), _nan(x['mean_morans_i_null']['sd'])] for x in c])
+        ax.fill_between(steps, null[:, 0] - null[:, 1], null[:, 0] + null[:, 1], color='grey', alpha=0.3)
+        ax.plot(steps, null[:, 0], color='grey', lw=1, label='shuffled labels (mean ± sd)')
+        ax.plot(steps, i, 'o-', color='C3', label='model')
+        if control is not None:
+            ax.axhline(_nan(control['contrasts'][name]['mean_morans_i']), color='C0', ls='--', label='control')
+        ax.set_xscale('symlog', linthresh=max([1] + [s for s in steps if s > 0][:1]))  # log steps, 0 included
+        ax.set_xticks(steps, [str(s) for s in steps], fontsize=7)
+        ax.set(xlabel='training step', ylabel="mean Moran's I of the t-maps", title=name)
+        loss = ax.twinx()
+        loss.plot(steps, [_nan((e['losses'] or {}).get('val')) for e in entries], ':', color='k', lw=1)
+        loss.set_ylabel('validation loss (dotted)')
+        ax.legend(fontsize=7, loc='upper left')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+def _nan(x):
+    return np.nan if x is None else x
+
+def plot_map_strip(path, steps, tmaps, control_tmaps, name, vmax):
+    """One contrast's t-map of every map (rows) at every step (columns), the control's last, on one colour scale."""
+    plt = pyplot()
+    columns = [(f"step {s}", tm) for s, tm in zip(steps, tmaps)] + [('control', control_tmaps)] * bool(control_tmaps)
+    maps = list(tmaps[0])
+    fig, axes = plt.subplots(len(maps), len(columns), figsize=(1.3 * len(columns) + 1.2, 1.3 * len(maps) + 0.8),
+                             squeeze=False)
+    for j, (label, tm) in enumerate(columns):
+        for i, m in enumerate(maps):
+            ax = axes[i, j]
+            ax.set_xticks([]), ax.set_yticks([])
+            if m in tm:
+                im = ax.imshow(tm[m][0], cmap='RdBu_r', vmin=-vmax, vmax=vmax, interpolation='nearest')
+            ax.set_title(label if i == 0 else '', fontsize=8)
+            ax.set_ylabel(m if j == 0 else '', fontsize=7)
+    fig.suptitle(f"{name}: Welch's t per unit as training goes on (scale: the 99th percentile of |t|, {vmax:.1f})",
+                 fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.6, extend='both')
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+def write_gif(path, steps, tmaps, results, name, vmax):
+    """The same t-maps as an animation: one frame per step, the maps laid out as in <contrast>.png (Pillow, which
+    matplotlib already needs, writes the GIF)."""
+    plt = pyplot()
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    where, n_rows, n_cols = _layout(list(tmaps[0]))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.8 * n_cols + 0.4, 1.8 * n_rows + 0.6), squeeze=False)
+    images = {}
+    for m, (r, c) in where.items():
+        axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+        axes[r, c].set_title(m, fontsize=8)
+        images[m] = axes[r, c].imshow(tmaps[0][m][0], cmap='RdBu_r', vmin=-vmax, vmax=vmax, interpolation='nearest')
+
+    def frame(k):
+        for m, im in images.items():
+            im.set_data(tmaps[k][m][0])
+        c = results[k]['contrasts'][name]
+        fig.suptitle(f"{name}, step {steps[k]}: Moran's I {_fmt(c['mean_morans_i'])} (shuffled "
+                     f"{_fmt(c['mean_morans_i_null']['mean'])})", fontsize=9)
+        return list(images.values())
+    FuncAnimation(fig, frame, frames=len(steps)).save(path, writer=PillowWriter(fps=1.5))
+    plt.close(fig)
+
+def analyze_snapshots(folder, cfg, given, suites, rows, texts, enc, device):
+    """Every snapshot of a folder, with fewer label redraws (2, unless --n_shuffles says), and the control once:
+    the figures over training, metrics.json with the list over_training, and a table."""
+    paths = snapshot_files(folder)
+    out = cfg['out_dir'] or os.path.join(folder, 'analysis')
+    topo_gpt.writable_dir(out)
+    snap_cfg = {**cfg, 'n_shuffles': cfg['n_shuffles'] if 'n_shuffles' in given else min(cfg['n_shuffles'], 2)}
+    print(f"{len(paths)} snapshots in {folder}, {snap_cfg['n_shuffles']} label redraws each (--n_shuffles=N for more)")
+    control, control_tmaps = None, None
+    if cfg['control']:
+        (model, info), = load_models(cfg['control'], {**cfg, 'control': ''}, device)
+        print(f"control: {info['checkpoint']}, {describe(info)}", flush=True)
+        control, control_tmaps, _ = analyze_model(model, info, suites, rows, texts, enc, cfg, device)
+    entries, tmaps, kinds = [], [], set()
+    for path in paths:
+        (model, info), = load_models(path, {**cfg, 'control': ''}, device)
+        kinds.add(info['model_type'])
+        print(f"step {info['step']}: {path}", flush=True)
+        metrics, t, _ = analyze_model(model, info, suites, rows, texts, enc, snap_cfg, device)
+        entries.append(dict(step=info['step'], checkpoint=path, losses=info['losses'], contrasts=metrics['contrasts']))
+        tmaps.append(t)
+    if len(kinds | ({control['model_type']} if control else set())) > 1:
+        raise UsageError("the snapshots and the control are not all the same kind of model")
+    names, first = [n for n, *_ in suites], suites[0][0]
+    steps = [e['step'] for e in entries]
+    vmax = float(np.percentile(np.abs(np.concatenate([t.ravel() for tm in tmaps + [control_tmaps or {}]
+                                                      for t, _ in tm.get(first, {}).values()])), 99)) or 1.0
+    strip = [tm[first] for tm in tmaps]
+    write_whole(out, {'over_training.png': lambda p: plot_over_training(p, entries, control, names),
+                      'over_training_maps.png': lambda p: plot_map_strip(p, steps, strip, (control_tmaps or {}).get(first), first, vmax),
+                      'over_training.gif': lambda p: write_gif(p, steps, strip, entries, first, vmax),
+                      'metrics.json': write_json(dict(config=cfg, snapshots=folder, control=control, over_training=entries))})
+    print(f"\n{'step':>6s} {'val loss':>9s}" + ''.join(f" | {n + ': Moran I (shuffled)':34s}" for n in names))
+    for e in entries:
+        print(f"{e['step']:6d} {_fmt((e['losses'] or {}).get('val'), '9.3f')}" + ''.join(
+            f" | {_fmt(e['contrasts'][n]['mean_morans_i']):>6s} ({_fmt(e['contrasts'][n]['mean_morans_i_null']['mean'])}"
+            f" ± {_fmt(e['contrasts'][n]['mean_morans_i_null']['sd'])})".ljust(37) for n in names))
+    if control:
+        print(f"{'control':>16s}" + ''.join(f" | {_fmt(control['contrasts'][n]['mean_morans_i']):>6s}".ljust(37) for n in names))
+    print(f"\nwrote {out}/: over_training.png, over_training_maps.png, over_training.gif ({first}), metrics.json")
 
 def main(argv):
     positional = [a for a in argv if not a.startswith('-')]
-    cfg, _ = parse_args([a for a in argv if a.startswith('-')], DEFAULTS, {}, __doc__, read_config_notes(__file__))
+    cfg, given = parse_config([a for a in argv if a.startswith('-')], DEFAULTS, {}, __doc__, __file__)
     if len(positional) != 1:
-        raise UsageError("usage: python analyze.py CHECKPOINT [--key=value ...] (see --help)")
+        raise UsageError("usage: python analyze.py CHECKPOINT|SNAPSHOT_FOLDER [--key=value ...] (see --help)")
     ckpt_path = positional[0]
     # everything that can be wrong with the input fails here, before any long work
     suites, texts, rows = select_suites(cfg)
-    out = cfg['out_dir'] or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), 'analysis')
-    check_out_dir(out)
     enc = gpt2_tokenizer()
-    device = topo_gpt.pick_device(cfg['device'])
+    device = topo_gpt.start_processes(cfg['device'])[3]
+    if os.path.isdir(ckpt_path):
+        if cfg['sample']:
+            raise UsageError("--sample is for a checkpoint, not a folder of snapshots")
+        return analyze_snapshots(ckpt_path, cfg, given, suites, rows, texts, enc, device)
+    out = cfg['out_dir'] or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), 'analysis')
+    topo_gpt.writable_dir(out)
     loaded = load_models(ckpt_path, cfg, device)
+    if cfg['sample']:
+        return print_samples(loaded, cfg['sample'], enc, cfg, device)
 
     results, tmaps, profiles = [], [], []
     for (model, info), role in zip(loaded, ['model', 'control']):
@@ -1078,19 +1254,17 @@ def main(argv):
         results.append(m)
         tmaps.append(t)
         profiles.append(p)
-    try:
-        metrics = write_results(out, suites, results, tmaps, profiles, cfg)
-    except OSError as e:
-        raise UsageError(f"could not write into {out} ({e.strerror or e}; a full disk?)") from None
-
+    metrics = write_results(out, suites, results, tmaps, profiles, cfg)
     for name, *_ in suites:
         print_table(name, results, cfg)
     print_legend(cfg, list(dict.fromkeys(null for *_, null in suites)))
     print()
     for name, *_ in suites:
         print_summary(name, results)
+    print(f"\nwhat they say (--sample=PROMPT for your own):")
+    print_samples(loaded, '', enc, cfg, device)
     print(f"\nwrote {out}/: {', '.join(f'{n}.png' for n, *_ in suites)}, correlation_distance.png, metrics.json")
     return metrics
 
 if __name__ == '__main__':
-    sys.exit(command(main, sys.argv[1:], interrupted="out_dir may hold only some of the figures"))
+    sys.exit(command(main, sys.argv[1:], interrupted="nothing half-written: out_dir holds the analysis it held before, or this one whole"))

@@ -37,27 +37,27 @@ import time
 import random
 import shutil
 import signal
-import threading
 import tarfile
 import http.client
 import urllib.request
 from contextlib import contextmanager
 
+import argparse
 import numpy as np
 import tiktoken
 
 # -----------------------------------------------------------------------------
-# config: plain defaults, each overridable as --key=value (--help lists them). A check before the
-# comment's colon (>= 0, (0, 1), a|b) says which values the command line accepts.
+# config, each key overridable as --key=value: its comment is its --help, and a check before the comment's
+# colon (x >= 0, 0 < x < 1, a|b) says which values the command line accepts
 input = ''  # a text file or a folder of .txt files to prepare; '' = prepare --dataset
 dataset = 'shakespeare'  # shakespeare|tinystories|fineweb-edu|imdb: the corpus to download, without --input
 name = ''  # the folder out_dir/<name>; '' = the stem of --input, or the dataset's name
 out_dir = 'data'  # where the dataset folders go (= the trainers' --data_dir)
-val_fraction = 0.1  # (0, 1): of the documents, or of the tokens of a single document
-seed = 1337  # >= 0: for the document shuffle / split
-max_tokens = 0  # >= 0: tinystories / fineweb-edu only: stop after about this many tokens (0 = all)
+val_fraction = 0.1  # 0 < x < 1: of the documents, or of the tokens of a single document
+seed = 1337  # x >= 0: for the document shuffle / split
+max_tokens = 0  # x >= 0: tinystories / fineweb-edu only: stop after about this many tokens (0 = all)
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
+DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and isinstance(v, (bool, int, float, str))}
 
 GUTENBERG_URL = 'https://www.gutenberg.org/cache/epub/100/pg100.txt'  # the complete works, public domain
 IMDB_URL = 'https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz'
@@ -67,83 +67,52 @@ EOT = 50256  # GPT-2's <|endoftext|>; all ids are < 2**16, hence uint16
 
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, no traceback (see command())."""
+class UsageError(ValueError):
+    """Bad input: one line, no traceback (command()). The models raise it for a shape they cannot take."""
 
-def read_config_notes(path):
-    """{key: (check, what it does)} from the comments of the config block at the top of the file at path."""
-    with open(path, encoding='utf-8') as f:
-        block = f.read().split('\nDEFAULTS = ')[0]
-    notes = {}
-    for key, comment in re.findall(r"^(\w+) = .*?  # (.*)$", block, re.M):
-        check = re.match(r"(>=? \S+|[\[(]\S+, \S+[\])]|[\w-]*(?:\|[\w-]*)+): ", comment)
-        notes[key] = (check.group(1), comment[check.end():]) if check else (None, comment)
-    return notes
+def parse_config(argv, defaults, presets, doc, source):
+    """The defaults, then --preset=NAME, then each --key=value (a bare --flag: True), read by argparse; --help shows
+    each key's comment in source, and a value must pass its check (x >= 1, 0 <= x < 1, a|b) -> (config, keys set)"""
+    notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", open(source, encoding='utf-8').read().split('\nDEFAULTS')[0], re.M))
+    checks = {k: (re.match(r"((?:\S+ <=? )?x [<>]=? \S+|[\w-]*(?:\|[\w-]*)+): ", notes[k]) or [''] * 2)[1] for k in defaults}
+    parser = argparse.ArgumentParser(os.path.basename(source), '%(prog)s [--key=value ...]', doc, '\n'.join(
+        f"--preset={name}: {p}" for name, p in presets.items()), formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False, argument_default=argparse.SUPPRESS)
 
-def check_value(key, value, check):
-    """Raise a UsageError unless value passes check: '>= 1', '> 0', an interval '[0, 1)', or 'a|b|c'."""
-    if check is None:
-        return
-    if '|' in check:
-        ok = value in check.split('|')
-    elif check[0] == '>':
-        bound = float(check.split()[1])
-        ok = (value >= bound if check.startswith('>=') else value > bound) and math.isfinite(value)
-    else:
-        lo, hi = (float(v) for v in check[1:-1].split(', '))
-        ok = (lo <= value if check[0] == '[' else lo < value) and (value <= hi if check[-1] == ']' else value < hi)
-    if not ok:  # (a NaN fails every comparison, so it lands here too)
-        rule = (f"one of {check.replace('|', ', ')}" if '|' in check else
-                f"finite and {check}" if check[0] == '>' else f"in the interval {check}")
-        raise UsageError(f"--{key}={value}: must be {rule}")
-
-def parse_args(argv, defaults, presets, doc, notes):
-    """
-    --key=value for any key of the config block, bare --flag for booleans, --preset=NAME first. Every
-    value is checked against its type and the check in its comment (notes, from read_config_notes).
-    Returns the full config and the keys the user set (the preset's included).
-    """
-    if '-h' in argv or '--help' in argv:
-        print(doc.strip() + '\n\nconfig keys, --key=value (default):')
-        for k, v in defaults.items():
-            check, what = notes.get(k, (None, ''))
-            print(f"  --{k}={v}".ljust(34) + what + (f" [{check}]" if check else ''))
-        for name, p in presets.items():
-            print(f"--preset={name}: " + ', '.join(f'{k}={v}' for k, v in p.items()))
-        sys.exit(0)
-    given = {}
-    for arg in argv:
-        key, eq, val = arg[2:].partition('=')
-        if not arg.startswith('--') or key not in defaults:
-            raise UsageError(f"unknown config key or argument {arg!r} (see --help for the list)")
-        default = defaults[key]
-        if not eq:
-            if not isinstance(default, bool):
-                raise UsageError(f"--{key} needs a value, e.g. --{key}={default}")
-            given[key] = True
-        elif isinstance(default, bool):
-            if val.lower() not in ('true', 'false', '1', '0'):
-                raise UsageError(f"--{key}={val}: expected True or False")
-            given[key] = val.lower() in ('true', '1')
-        else:
-            try:
-                given[key] = type(default)(val) if not isinstance(default, int) else int(float(val))
-                if isinstance(default, int) and float(val) != given[key]:
-                    raise ValueError  # 1e9 is an int, 1.5 is not
-            except (ValueError, OverflowError):
-                raise UsageError(f"--{key}={val}: expected a {type(default).__name__}") from None
-    if given.get('preset'):
-        if given['preset'] not in presets:
-            raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
-        given = {**presets[given['preset']], **given}  # explicit keys win over the preset
+    def error(message):
+        raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
+    parser.error = error
+    for key, default in defaults.items():
+        flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
+        parser.add_argument(f'--{key}', type=boolean if flag else {int: integer}.get(type(default), type(default)),
+                            choices=checks[key].split('|') if '|' in checks[key] else None, metavar='',
+                            help=f"{notes[key]} ({default!r})", **flag)
+    given = vars(parser.parse_args(argv))
+    if given.get('preset', '') not in ('', *presets):
+        raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
+    given = {**presets.get(given.get('preset'), {}), **given}  # explicit keys win over the preset
     for key, value in given.items():
-        check_value(key, value, notes.get(key, (None, ''))[0])
+        check = checks[key] if 'x' in checks[key] else 'True'
+        if type(value) in (int, float) and not (math.isfinite(value) and eval(check, {'x': value})):
+            raise UsageError(f"--{key}={value}: must be finite{f' and {check}' * (check != 'True')}")
     return {**defaults, **given}, given
+
+def integer(text):
+    """An int on the command line: 1e3 is one, 1.5 is not."""
+    if not float(text).is_integer():
+        raise ValueError(text)
+    return int(float(text))
+
+def boolean(text):
+    """A boolean on the command line: True, False, 1 or 0."""
+    if text.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(text)
+    return text.lower() in ('true', '1')
 
 
 def config_of(argv):
     """The checked config: parse_args, then what the keys mean together."""
-    cfg, given = parse_args(argv, DEFAULTS, {}, __doc__, read_config_notes(__file__))
+    cfg, given = parse_config(argv, DEFAULTS, {}, __doc__, __file__)
     if 'input' in given and 'dataset' in given:
         raise UsageError("give either --input (local text) or --dataset (a download), not both")
     if cfg['max_tokens'] and (cfg['input'] or cfg['dataset'] not in HUB):
@@ -305,9 +274,6 @@ def new_folder(folder):
 @contextmanager
 def signals_deferred():
     """Ctrl-C (SIGINT) or SIGTERM inside this block waits until the block is done, then acts as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread
-        return
     caught = []
     old = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -317,6 +283,7 @@ def signals_deferred():
             signal.signal(s, handler)
         for s in dict.fromkeys(caught):
             os.kill(os.getpid(), s)  # delivered now, to the handler that was there before
+
 
 # -----------------------------------------------------------------------------
 # downloads
@@ -443,31 +410,29 @@ def main(argv):
     print(f"wrote {folder}/: train.bin {n_tok['train']:,} tokens, val.bin {n_tok['val']:,} tokens, meta.json")
 
 
-def command(main, argv, interrupted="a checkpoint is only ever replaced whole: the last one saved is intact"):
-    """Run main as a command: a UsageError is one line on stderr and exit 2, Ctrl-C exit 130; under
-    torchrun the first process speaks for all, the others only of what it did not meet."""
-    speak = int(os.environ.get('RANK', 0)) == 0
+def command(main, argv, interrupted=''):
+    """main as a command: a UsageError is one line and exit 2, Ctrl-C one line (what the run leaves behind: the
+    interrupt's words, else interrupted) and exit 130; under torchrun the first process speaks for all."""
+    rank = int(os.environ.get('RANK', 0))
     try:
         main(argv)
         return 0
     except UsageError as e:
-        if not speak:
-            # every process meets the same bad input, and torchrun stops the others as soon as one exits:
-            # wait, so that the first process is not stopped before it has said why. (Still here after
-            # the wait: the first process did not meet it, so say it here.)
+        if rank:
+            # every process meets the same bad input, and torchrun stops the others as soon as one exits: wait, so
+            # that the first is not stopped before it has said why (still here: it did not meet it, so say it here)
             time.sleep(30)
-        print(f"error: {e}" if speak else f"error: process {os.environ['RANK']}: {e}", file=sys.stderr)
+        print(f"error: {f'process {rank}: ' * bool(rank)}{e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if speak:
-            print(f"error: interrupted; {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not rank:
+            print('; '.join(['error: interrupted'] + [s for s in (str(e), interrupted) if s][:1]), file=sys.stderr)
         return 130
     except RuntimeError as e:
-        if speak:
+        if not rank:
             raise
         # under torchrun, when the first process stops (it says why), the others' collective calls fail
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        print(f"error: process {os.environ['RANK']} stopped: {reason}", file=sys.stderr)
+        print(f"error: process {rank} stopped: {(str(e).splitlines() or [type(e).__name__])[0][:160]}", file=sys.stderr)
         return 1
 
 

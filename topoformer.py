@@ -642,8 +642,9 @@ def parse_config(argv, defaults, presets, doc, source):
     parser.error = error
     for key, default in defaults.items():
         flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
-        parser.add_argument(f'--{key}', type=boolean if flag else type(default), help=f"{notes[key]} ({default!r})",
-                            choices=checks[key].split('|') if '|' in checks[key] else None, metavar='', **flag)
+        parser.add_argument(f'--{key}', type=boolean if flag else {int: integer}.get(type(default), type(default)),
+                            choices=checks[key].split('|') if '|' in checks[key] else None, metavar='',
+                            help=f"{notes[key]} ({default!r})", **flag)
     given = vars(parser.parse_args(argv))
     if given.get('preset', '') not in ('', *presets):
         raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
@@ -653,6 +654,12 @@ def parse_config(argv, defaults, presets, doc, source):
         if type(value) in (int, float) and not (math.isfinite(value) and eval(check, {'x': value})):
             raise UsageError(f"--{key}={value}: must be finite{f' and {check}' * (check != 'True')}")
     return {**defaults, **given}, given
+
+def integer(text):
+    """An int on the command line: 1e3 is one, 1.5 is not."""
+    if not float(text).is_integer():
+        raise ValueError(text)
+    return int(float(text))
 
 def boolean(text):
     """A boolean on the command line: True, False, 1 or 0."""
