@@ -96,7 +96,7 @@ def bench_topo_gpt(argv):
     tokens = torch.randint(0, m.GPT2_VOCAB, (B, cfg['block_size'] + 1), generator=torch.Generator().manual_seed(0))
     M, W, K = len(model.map_names), len(model.window_places), cfg['n_neighborhoods']
     batch = lambda: (*m.to_device(dev, tokens[:, :-1], tokens[:, 1:]),
-                     dict(windows=m.to_device(dev, m.sample_windows(M, W, K))[0]))
+                     dict(windows=m.to_device(dev, m.sample_neighborhoods(M, W, K))[0]))
     alpha = model.config.alpha or 2.5
 
     def step(a):

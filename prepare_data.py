@@ -5,7 +5,7 @@ encode_ordinary).
     python prepare_data.py                          # Shakespeare from Project Gutenberg -> data/shakespeare/
     python prepare_data.py --input=my_corpus/       # your own text -> data/my_corpus/
     python prepare_data.py --input=shakespeare.txt --name=shakespeare   # offline: a local copy instead
-    python prepare_data.py --dataset=fineweb-edu --max_tokens=1e9 --val_fraction=0.005   # needs datasets
+    python prepare_data.py --dataset=fineweb-edu --max_tokens=1000000000 --val_fraction=0.005   # needs datasets
     python prepare_data.py --dataset=imdb           # IMDB reviews -> data/imdb/aclImdb/ (not tokenized)
 
 Writes data/<name>/train.bin and val.bin (uint16 token ids) and, last, meta.json (source, counts,
@@ -57,7 +57,7 @@ val_fraction = 0.1  # 0 < x < 1: of the documents, or of the tokens of a single 
 seed = 1337  # x >= 0: for the document shuffle / split
 max_tokens = 0  # x >= 0: tinystories / fineweb-edu only: stop after about this many tokens (0 = all)
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and isinstance(v, (bool, int, float, str))}
+DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and type(v) in (bool, int, float, str)}
 
 GUTENBERG_URL = 'https://www.gutenberg.org/cache/epub/100/pg100.txt'  # the complete works, public domain
 IMDB_URL = 'https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz'
@@ -73,8 +73,10 @@ class UsageError(ValueError):
 def parse_config(argv, defaults, presets, doc, source):
     """The defaults, then --preset=NAME, then each --key=value (a bare --flag: True), read by argparse; --help shows
     each key's comment in source, and a value must pass its check (x >= 1, 0 <= x < 1, a|b) -> (config, keys set)"""
-    notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", open(source, encoding='utf-8').read().split('\nDEFAULTS')[0], re.M))
-    checks = {k: (re.match(r"((?:\S+ <=? )?x [<>]=? \S+|[\w-]*(?:\|[\w-]*)+): ", notes[k]) or [''] * 2)[1] for k in defaults}
+    with open(source, encoding='utf-8') as f:
+        notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", f.read().split('\nDEFAULTS')[0], re.M))
+    checks = {k: (re.match(r"((?:\S+ <=? )?x [<>]=? \S+|[\w-]*(?:\|[\w-]*)+): ", notes[k]) or [''] * 2)[1]
+              for k in defaults}
     parser = argparse.ArgumentParser(os.path.basename(source), '%(prog)s [--key=value ...]', doc, '\n'.join(
         f"--preset={name}: {p}" for name, p in presets.items()), formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False, argument_default=argparse.SUPPRESS)
@@ -83,25 +85,17 @@ def parse_config(argv, defaults, presets, doc, source):
         raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
     parser.error = error
     for key, default in defaults.items():
+        choices = ['', *presets] if key == 'preset' else checks[key].split('|') if '|' in checks[key] else None
         flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
-        parser.add_argument(f'--{key}', type=boolean if flag else {int: integer}.get(type(default), type(default)),
-                            choices=checks[key].split('|') if '|' in checks[key] else None, metavar='',
+        parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices, metavar='',
                             help=f"{notes[key]} ({default!r})", **flag)
     given = vars(parser.parse_args(argv))
-    if given.get('preset', '') not in ('', *presets):
-        raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
     given = {**presets.get(given.get('preset'), {}), **given}  # explicit keys win over the preset
     for key, value in given.items():
         check = checks[key] if 'x' in checks[key] else 'True'
         if type(value) in (int, float) and not (math.isfinite(value) and eval(check, {'x': value})):
             raise UsageError(f"--{key}={value}: must be finite{f' and {check}' * (check != 'True')}")
     return {**defaults, **given}, given
-
-def integer(text):
-    """An int on the command line: 1e3 is one, 1.5 is not."""
-    if not float(text).is_integer():
-        raise ValueError(text)
-    return int(float(text))
 
 def boolean(text):
     """A boolean on the command line: True, False, 1 or 0."""

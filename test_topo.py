@@ -24,6 +24,8 @@ import inspect
 import subprocess
 import urllib.error
 from collections import Counter
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -41,6 +43,7 @@ import topo_gpt
 import topoformer as tf
 import prepare_data
 import analyze
+import bench
 from topo_gpt import GPT, GPTConfig, UsageError, spatial_correlation_loss
 from topoformer import Topoformer, TopoformerConfig, SpatialSelfAttention
 
@@ -251,35 +254,55 @@ def test_windows_are_the_interior_squares_drawn_without_replacement():
         assert rows.max() - rows.min() == 4 and cols.max() - cols.min() == 4  # a 5 x 5 square, row by row
         assert torch.equal(p, (rows.min() * side + cols.min()) + (torch.arange(5)[:, None] * side +
                                                                    torch.arange(5)).flatten())
-    _, grid = topo_gpt.lattice_positions(3, side, seed=0)
+    assert len(topo_gpt.window_places(8, 5)) == 0  # a window larger than the grid: none fits
     torch.manual_seed(0)
     seen = set()
     for _ in range(200):
-        units, pos = topo_gpt.sample_neighborhoods(grid, places, 5)
-        assert units.shape == (3, 5, 25) and pos.shape == (3, 5, 25, 2)
-        for m in range(3):
-            assert len({tuple(u) for u in units[m].tolist()}) == 5  # 5 distinct windows per map
-            # each unit sits at its window place
-            assert torch.equal(grid[m][pos[m, ..., 0], pos[m, ..., 1]], units[m])
-        seen |= {tuple(p.flatten().tolist()) for p in pos[0]}
-    assert len(seen) == 64  # every window gets drawn
+        ids = topo_gpt.sample_neighborhoods(3, 64, 5)
+        assert ids.shape == (3, 5) and ids.device.type == 'cpu'
+        assert all(len(set(row)) == 5 for row in ids.tolist())  # 5 distinct windows per map
+        seen |= set(ids[0].tolist())
+    assert seen == set(range(64))  # every window gets drawn
 
 def test_spatial_loss_of_model_uses_the_sampled_windows():
-    # a model's loss over its neighbourhoods equals the function applied window by window
+    # the model's loss over its windows is the sum over the maps of the mean of the function applied window by
+    # window, each window's units at their stored places; the one batched call equals the plain sum
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
     maps = [torch.randn(2, 16, 64) for _ in range(4)]
-    torch.manual_seed(5)
-    total = model.spatial_loss_of(maps)
-    torch.manual_seed(5)
-    units, pos = topo_gpt.sample_neighborhoods(model.grid, model.window_places, 3)
+    windows = topo_gpt.sample_neighborhoods(4, len(model.window_places), 3)
+    total = model.spatial_loss_of(maps, windows)
     expect = 0
     for m in range(4):
         for k in range(3):
-            x = maps[m].reshape(32, 64)[:, units[m, k]]
-            assert torch.equal(model.unit_pos[m][units[m, k]], pos[m, k])  # stored places = window places
-            expect = expect + spatial_correlation_loss(x, pos[m, k].float()) / 3
+            cells = model.window_places[windows[m, k]]
+            units = model.grid[m].view(-1)[cells]
+            pos = topo_gpt.row_col(cells, 8)
+            assert torch.equal(model.unit_pos[m][units], pos)  # the stored places are the window's places
+            expect = expect + spatial_correlation_loss(maps[m].reshape(32, 64)[:, units], pos.float()) / 3
     assert total.item() == pytest.approx(expect.item(), rel=1e-5)
+    # pos shared by all windows, or one per window: the same losses
+    x = torch.randn(5, 40, 25)
+    shared = topo_gpt.row_col(topo_gpt.window_places(12, 3)[0], 12).float()
+    torch.testing.assert_close(spatial_correlation_loss(x, shared), spatial_correlation_loss(x, shared.expand(5, 25, 2)))
+
+def test_the_windows_come_with_the_batch_not_from_the_forward(tiny_data, tmp_path, capsys, monkeypatch):
+    # a forward given its windows draws none (on a GPU a draw there waits for the device, and a compiled
+    # graph draws other windows); the training loop draws them on the CPU with the batch and passes them in
+    model = GPT(GPTConfig(**TINY))
+    idx = torch.randint(0, 200, (2, 16))
+    windows = topo_gpt.sample_neighborhoods(4, len(model.window_places), 3)
+    real, calls = topo_gpt.sample_neighborhoods, []
+    monkeypatch.setattr(topo_gpt, 'sample_neighborhoods', lambda *a: calls.append(a) or real(*a))
+    model(idx, idx, windows=windows)
+    assert calls == []
+    model(idx, idx)  # an API call without windows draws them itself
+    assert len(calls) == 1
+    seen = []
+    real_forward = GPT.forward
+    monkeypatch.setattr(GPT, 'forward', lambda self, *a, **k: seen.append(k.get('windows')) or real_forward(self, *a, **k))
+    assert cli(topo_gpt.main, gpt_run(tiny_data, tmp_path, '--max_iters=2', '--eval_interval=2'), capsys)[0] == 0
+    assert seen and all(w is not None and w.shape == (4, 3) and w.dtype == torch.long for w in seen)
 
 def test_positions_are_a_permutation_of_the_lattice_and_survive_a_checkpoint(tmp_path):
     model = GPT(GPTConfig(**TINY))
@@ -294,7 +317,7 @@ def test_positions_are_a_permutation_of_the_lattice_and_survive_a_checkpoint(tmp
     assert not torch.equal(seen[0], seen[1])  # each map its own placement
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
     path = str(tmp_path / 'ckpt.pt')
-    topo_gpt.save_checkpoint(path, topo_gpt.checkpoint_of(model, opt, 0, 1.0, None, {}))
+    topo_gpt.save_checkpoint(path, topo_gpt.checkpoint_of(model, 0, {}, opt, 'cpu', 1.0, None), '')
     # a model built with another seed would place units elsewhere; the checkpoint's positions win
     loaded = GPT.from_checkpoint(path)
     for name in model.map_names:
@@ -339,7 +362,7 @@ def test_training_lowers_the_loss(tiny_data):
     data = np.memmap(os.path.join(tiny_data, 'tiny', 'train.bin'), dtype=np.uint16, mode='r')
     ces, sls = [], []
     for it in range(40):
-        X, Y = topo_gpt.get_batch(data, 8, 32, 'cpu')
+        X, Y = topo_gpt.get_batch(data, 8, 32)
         _, loss = model(X, Y)
         loss.backward()
         opt.step()
@@ -354,7 +377,7 @@ def test_save_load_identical_logits(tmp_path):
     model = GPT(GPTConfig(**TINY)).eval()
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
     path = str(tmp_path / 'ckpt.pt')
-    topo_gpt.save_checkpoint(path, topo_gpt.checkpoint_of(model, opt, 3, 1.0, 11.0, {'seed': 1}))
+    topo_gpt.save_checkpoint(path, topo_gpt.checkpoint_of(model, 3, {'seed': 1}, opt, 'cpu', 1.0, 11.0), '')
     loaded = GPT.from_checkpoint(path)
     idx = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
@@ -363,6 +386,10 @@ def test_save_load_identical_logits(tmp_path):
     torch.save({'model': model.state_dict()}, tmp_path / 'foreign.pt')
     with pytest.raises(UsageError, match='not a topolm checkpoint'):
         GPT.from_checkpoint(str(tmp_path / 'foreign.pt'))
+    # a damaged file is named in our words, not in torch's cut off mid-sentence
+    (tmp_path / 'cut.pt').write_bytes(open(path, 'rb').read()[:3000])
+    with pytest.raises(UsageError, match=r'cannot be read: it is damaged, cut short or no torch file \(\w+\)$'):
+        GPT.from_checkpoint(str(tmp_path / 'cut.pt'))
 
 def test_bad_model_config_is_a_clear_error():
     with pytest.raises(ValueError, match='perfect square'):
@@ -402,7 +429,7 @@ def test_official_positions_of_another_size_are_one_clear_error(tmp_path):
     for name in ('layer.0.attn', 'layer.0.mlp', 'layer.1.attn', 'layer.1.mlp'):  # the places of 28 x 28 maps
         with open(tmp_path / f'{name}.pkl', 'wb') as f:
             pickle.dump(types.SimpleNamespace(coordinates=np.zeros((784, 2))), f)
-    with pytest.raises(ValueError, match=r'place 784 units, but the model.s maps have n_embed='):
+    with pytest.raises(ValueError, match=r'positions of another model size'):
         GPT.from_official(os.path.join(folder, 'ckpt.pt'), str(tmp_path))
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
@@ -428,10 +455,23 @@ def test_resume_keeps_the_checkpoints_model(tiny_data, tmp_path, capsys):
     code, stdout, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=4', '--block_size=8',
                                             '--n_layer=5', '--eval_interval=2'], capsys)
     assert code == 0, err  # the model's keys are ignored, and really so: no crash on the block size
-    assert 'ignoring --block_size, --n_layer' in stdout and 'step 4:' in stdout
+    assert f'resuming from step 2 of {out}/ckpt.pt; ignoring --block_size, --n_layer' in stdout and 'step 4:' in stdout
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['config']['block_size'] == 32
     code, stdout, _ = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=4'], capsys)
     assert code == 0 and 'nothing to train: the run is at iter 4' in stdout
+
+def test_resume_says_what_a_new_schedule_does(tiny_data, tmp_path, capsys):
+    # a resumed run with another max_iters follows the new cosine schedule: it says so, with the lr it takes
+    out = str(tmp_path / 'out')
+    args = gpt_run(tiny_data, out, '--max_iters=20', '--eval_interval=10', '--warmup_iters=2')
+    assert cli(topo_gpt.main, args[:] + ['--max_iters=10'], capsys)[0] == 0
+    code, stdout, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=12'], capsys)
+    assert code == 0, err
+    cfg = {**topo_gpt.DEFAULTS, **torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)['config']}
+    new, old = topo_gpt.get_lr(10, {**cfg, 'max_iters': 12}), topo_gpt.get_lr(10, {**cfg, 'max_iters': 10})
+    assert new != old
+    assert (f"note: --max_iters=12 (the run had 10): the learning rate follows the new schedule, {new:.2e} at step "
+            f"10 instead of {old:.2e}") in stdout
 
 def test_divergence_never_replaces_a_good_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / 'out')
@@ -446,20 +486,53 @@ def test_divergence_never_replaces_a_good_checkpoint(tiny_data, tmp_path, capsys
     monkeypatch.setattr(topo_gpt, 'estimate_loss', explode_second)
     code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=6', '--eval_interval=2'],
                        capsys)
-    assert_one_line_error(code, err, 'diverged at iter 4', 'it started at', 'is intact')
+    assert_one_line_error(code, err, 'diverged at iter 4', 'it started at', f'{path} holds step 2, intact')
     assert open(path, 'rb').read() == good and not os.path.exists(path + '.tmp')
     monkeypatch.setattr(topo_gpt, 'estimate_loss', real)
-    # a loss that turns NaN during a step stops at once, naming the same intact checkpoint
+    # a loss that turns NaN during a step stops at the next log line, naming the same intact checkpoint
     monkeypatch.setattr(topo_gpt, 'spatial_correlation_loss', lambda x, pos: x.sum(dim=(1, 2)) * float('nan'))
     code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=4'], capsys)
-    assert_one_line_error(code, err, 'diverged', 'is intact')
+    assert_one_line_error(code, err, 'diverged', 'holds step 2, intact')
     assert open(path, 'rb').read() == good
     # a fresh run (not --resume) in the same out_dir says whose the checkpoint there is, and when it
     # diverges before its own first save it does not call the earlier run's file its last good checkpoint
     code, out_text, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=4'), capsys)
     assert f"note: {path} is an earlier run's" in out_text
-    assert_one_line_error(code, err, 'diverged', 'no checkpoint was saved')
+    assert_one_line_error(code, err, 'diverged', "no checkpoint was saved", "is an earlier run's, intact")
     assert open(path, 'rb').read() == good
+
+def test_fp16s_scaler_skips_a_non_finite_step_and_updates_every_step():
+    # the gradient scaler of fp16, here on the CPU: a step whose loss is not finite is skipped, update() runs
+    # anyway (a second unscale_ before an update would raise), and the next steps go on as usual
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
+    idx = torch.randint(0, 200, (2, 16))
+    batch = lambda: (idx, idx, {})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = topo_gpt.spatial_correlation_loss
+    topo_gpt.spatial_correlation_loss = lambda x, pos: real(x, pos) * float('inf')
+    try:
+        loss, _ = topo_gpt.train_step(model, opt, scaler, nullcontext(), batch, 1, 1.0)
+    finally:
+        topo_gpt.spatial_correlation_loss = real
+    assert not torch.isfinite(loss) and scaler.get_scale() == 2.0 ** 7  # skipped, and the scale backed off
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for _ in range(2):
+        loss, norm = topo_gpt.train_step(model, opt, scaler, nullcontext(), batch, 1, 1.0)
+        assert torch.isfinite(loss) and torch.isfinite(norm)
+    assert not torch.equal(model.state_dict()['lm_head.weight'], before['lm_head.weight'])
+
+def test_train_step_waits_for_nothing(monkeypatch):
+    # the step reads no scalar off the device: the loss and the norm come back as tensors, read at log lines
+    model = GPT(GPTConfig(**TINY))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    idx = torch.randint(0, 200, (2, 16))
+    monkeypatch.setattr(torch.Tensor, 'item', lambda self: pytest.fail('a .item() in the training step'))
+    loss, norm = topo_gpt.train_step(model, opt, torch.amp.GradScaler('cpu', enabled=False), nullcontext(),
+                                     lambda: (idx, idx, {}), 2, 1.0)
+    assert isinstance(loss, torch.Tensor) and isinstance(norm, torch.Tensor)
 
 def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tiny_data, tmp_path, capsys, monkeypatch, ctrl_c):
     real_save = torch.save
@@ -471,10 +544,27 @@ def test_ctrl_c_during_a_save_finishes_the_save_then_stops(tiny_data, tmp_path, 
     monkeypatch.setattr(torch, 'save', save_with_ctrl_c)
     out = str(tmp_path / 'out')
     code, stdout, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=4', '--eval_interval=2'), capsys)
-    assert_one_line_error(code, err, 'interrupted', exit_code=130)
+    assert_one_line_error(code, err, 'interrupted', f'{out}/ckpt.pt holds step 2, intact', exit_code=130)
     assert 'step 2:' in stdout and 'step 4' not in stdout  # stopped right after the first save
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)  # whole, and the new one
     assert ckpt['iter_num'] == 2 and os.listdir(out) == ['ckpt.pt']
+
+def test_ctrl_c_before_the_first_save_says_none_was_saved(tiny_data, tmp_path, capsys, monkeypatch):
+    # interrupted before its first save: no checkpoint of its own, no empty out_dir left behind, and an earlier
+    # run's file there is called what it is
+    real = topo_gpt.train_step
+    def interrupted(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(topo_gpt, 'train_step', interrupted)
+    out = tmp_path / 'out'
+    code, _, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=4'), capsys)
+    assert_one_line_error(code, err, 'error: interrupted; no checkpoint was saved', exit_code=130)
+    assert not out.exists()
+    monkeypatch.setattr(topo_gpt, 'train_step', real)
+    assert cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=2', '--eval_interval=2'), capsys)[0] == 0
+    monkeypatch.setattr(topo_gpt, 'train_step', interrupted)
+    code, _, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=4'), capsys)
+    assert_one_line_error(code, err, f"no checkpoint was saved ({out}/ckpt.pt is an earlier run's, intact)", exit_code=130)
 
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / 'out')
@@ -486,7 +576,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(tiny_data,
     monkeypatch.setattr(torch, 'save', disk_full)
     code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=4', '--eval_interval=2'],
                        capsys)
-    assert_one_line_error(code, err, 'could not write', 'No space left', 'is intact')
+    assert_one_line_error(code, err, 'could not write', 'No space left', f'{out}/ckpt.pt holds step 2, intact')
     assert open(os.path.join(out, 'ckpt.pt'), 'rb').read() == good and os.listdir(out) == ['ckpt.pt']
 
 def test_bad_data_is_one_line(tiny_data, tmp_path, capsys):
@@ -515,9 +605,12 @@ BAD_CONFIG = [('--learning_rate=inf', 'learning_rate=inf: must be finite'), ('--
               ('--beta1=1.5', 'beta1'), ('--n_head=0', 'n_head'), ('--n_layer=0', 'n_layer'),
               ('--gradient_accumulation_steps=0', 'gradient_accumulation_steps'), ('--max_iters=0', 'max_iters'),
               ('--grad_clip=-1', 'grad_clip'), ('--block_size=0', 'block_size'), ('--dropout=1', 'dropout'),
-              ('--device=nonsense', 'not a device'), ('--dtype=float16', 'needs a GPU'), ('--dtype=int8', 'one of'),
-              ('--preset=huge', 'unknown preset'), ('--n_layr=3', "'--n_layr=3'"), ('--batch_size=big', 'expected a int'),
-              ('--batch_size=1.5', 'expected a int'), ('--compile=maybe', 'True or False'), ('--seed', 'needs a value'),
+              ('--device=nonsense', 'not a device'), ('--dtype=float16', 'needs a GPU'),
+              ('--dtype=int8', "--dtype: invalid choice: 'int8'"), ('--preset=huge', "--preset: invalid choice: 'huge'"),
+              ('--n_layr=3', 'unrecognized arguments: --n_layr=3'), ('--batch_size=big', "invalid int value: 'big'"),
+              ('--batch_size=1.5', 'invalid int value'), ('--compile=maybe', "invalid boolean value: 'maybe'"),
+              ('--seed', '--seed: expected one argument'), ('--snapshot_iters=0,x', 'snapshot_iters'),
+              ('--snapshot_iters=99999', 'from 0 to max_iters'),
               ('--n_embd=250', 'perfect square'), ('--n_embd=64', 'not divisible'), ('--radius=9', 'do not fit')]
 
 @pytest.mark.parametrize('arg, words', BAD_CONFIG + [
@@ -541,13 +634,37 @@ def test_out_dir_that_cannot_be_written_is_one_line(tiny_data, tmp_path, capsys)
 
 def test_checkpoint_without_config_is_one_line(tmp_path, capsys):
     model = GPT(GPTConfig(**TINY))
-    ckpt = topo_gpt.checkpoint_of(model, model.configure_optimizers(0, 1e-3, (0.9, 0.95), 'cpu'), 1, 1.0, 1.0, {})
+    ckpt = topo_gpt.checkpoint_of(model, 1, {}, model.configure_optimizers(0, 1e-3, (0.9, 0.95), 'cpu'), 'cpu', 1.0, 1.0)
     del ckpt['config']
     torch.save(ckpt, tmp_path / 'ckpt.pt')
     code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={tmp_path}'], capsys)
     assert_one_line_error(code, err, 'incomplete', 'config')
     code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={tmp_path / "none"}'], capsys)
     assert_one_line_error(code, err, 'no checkpoint')
+    # a snapshot holds no optimizer: it loads for analysis, not for --resume
+    torch.save(topo_gpt.checkpoint_of(model, 1, {}), tmp_path / 'ckpt.pt')
+    code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={tmp_path}'], capsys)
+    assert_one_line_error(code, err, 'incomplete for --resume (a snapshot?)')
+    assert GPT.from_checkpoint(str(tmp_path / 'ckpt.pt')).config == model.config
+
+def test_checkpoints_keep_the_rng_state_of_their_own_device_only(monkeypatch):
+    # the RNG state of this process's GPU alone, restored on this process's GPU (a resume on fewer GPUs works);
+    # off CUDA none is kept, and a GPU state is not applied on a CPU
+    model = GPT(GPTConfig(**TINY))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    ckpt = topo_gpt.checkpoint_of(model, 1, {}, opt, 'cpu', 1.0, 1.0)
+    assert set(ckpt['rng']) == {'torch', 'cuda'} and ckpt['rng']['cuda'] is None
+    asked = []
+    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device: asked.append(device) or torch.zeros(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device: asked.append(('set', device)))
+    ckpt = topo_gpt.checkpoint_of(model, 1, {}, opt, 'cuda:3', 1.0, 1.0)
+    assert asked == ['cuda:3'] and ckpt['rng']['cuda'].shape == (16,)
+    state = torch.get_rng_state()
+    topo_gpt.set_rng_state(ckpt['rng'], 'cuda:0')
+    assert asked[-1] == ('set', 'cuda:0') and torch.equal(torch.get_rng_state(), ckpt['rng']['torch'])
+    topo_gpt.set_rng_state(ckpt['rng'], 'cpu')
+    assert asked[-1] == ('set', 'cuda:0')  # not applied off CUDA
+    torch.set_rng_state(state)
 
 def test_share_step_keeps_the_tokens_per_step():
     assert topo_gpt.share_step(4, 8, 2) == (2, 8)  # fewer micro-batches per process
@@ -556,16 +673,41 @@ def test_share_step_keeps_the_tokens_per_step():
     with pytest.raises(UsageError, match='cannot be shared evenly by 2'):
         topo_gpt.share_step(3, 5, 2)
 
-def test_pick_dtype():
+def test_precision_picks_the_dtype_its_autocast_and_scaler(monkeypatch):
     native = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
-    assert topo_gpt.pick_dtype('auto', 'cpu') == ('bfloat16' if native else 'float32')
-    assert topo_gpt.pick_dtype('auto', 'mps') == 'float32'
-    assert topo_gpt.pick_dtype('bfloat16', 'cpu') == 'bfloat16'  # forced: emulated where not native
+    dtype, ctx, scaler = topo_gpt.precision('auto', 'cpu')
+    assert dtype == ('bfloat16' if native else 'float32') and not scaler.is_enabled()
+    assert topo_gpt.precision('auto', 'mps')[0] == 'float32'
+    assert topo_gpt.precision('bfloat16', 'cpu')[0] == 'bfloat16'  # forced: emulated where not native
     with pytest.raises(UsageError, match='needs a GPU'):
-        topo_gpt.pick_dtype('float16', 'cpu')
+        topo_gpt.precision('float16', 'cpu')
+    # a GPU whose bf16 is only emulated (a V100, a T4) gets float16 and the gradient scaler, not slow bf16
+    asked = []
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: asked.append(
+        including_emulation) or including_emulation)
+    monkeypatch.setattr(torch.amp, 'GradScaler', lambda device, enabled: SimpleNamespace(device=device, enabled=enabled))
+    dtype, ctx, scaler = topo_gpt.precision('auto', 'cuda:0')
+    assert asked == [False] and dtype == 'float16' and scaler.enabled and scaler.device == 'cuda'
+    assert not torch.backends.cuda.matmul.allow_tf32  # TF32 off: the spatial loss's float32 products stay float32
+    with pytest.raises(UsageError, match='no native bf16'):
+        topo_gpt.precision('bfloat16', 'cuda:0')
+    assert topo_gpt.precision('float32', 'cuda:0')[0] == 'float32' and torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+def test_devices_under_torchrun_are_one_clear_line(monkeypatch):
+    # cuda:N under torchrun would put every process on one GPU; a process beyond the machine's GPUs has none
+    for k, v in (('RANK', '1'), ('WORLD_SIZE', '2'), ('LOCAL_RANK', '1'), ('LOCAL_WORLD_SIZE', '2')):
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UsageError, match=r'--device=cuda:0 puts all 2 processes on one GPU; under torchrun use --device=cuda'):
+        topo_gpt.start_processes('cuda:0')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    with pytest.raises(UsageError, match=r'--device=cuda: not a device of this machine \(it has cpu, 1 GPUs.*\); start '
+                                         r'at most --nproc_per_node=1'):
+        topo_gpt.start_processes('cuda')
 
 def test_bench_prints_dtype_ratio_and_gflops(capsys):
-    code, out, err = cli(topo_gpt.main, [*TINY_CLI, '--bench'], capsys)
+    code, out, err = cli(bench.bench_topo_gpt, TINY_CLI, capsys)
     assert code == 0, err
     assert 'batch 4 x 32 x 1 accum, float32' in out and 'GFLOP/s' in out and 'spatial loss off' in out
     ratio = float(out.split('ratio of the two: ')[1].split()[0])
@@ -575,6 +717,18 @@ def test_bench_prints_dtype_ratio_and_gflops(capsys):
     assert alone.startswith('4 maps x 3 windows of 25 units, 128 tokens): ')
     ms, share = alone.split('): ')[1].split(' ms, ')
     assert float(ms) > 0 and 0 < float(share.split('%')[0]) < 100
+    p = run_script(['bench.py', 'gpt'])
+    assert_one_line_error(p.returncode, p.stderr, 'usage: python bench.py topo_gpt|topoformer')
+    p = run_script(['bench.py', 'topoformer', '--batch_size=0'])
+    assert_one_line_error(p.returncode, p.stderr, '--batch_size=0: must be finite and x >= 1')
+
+def test_mfu_is_against_the_gpus_own_peak(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda dev: 'NVIDIA H200')
+    assert bench.peak_flops('cuda:0') == (989e12, "the H200's 989 TFLOP/s")
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda dev: 'NVIDIA A100-SXM4-80GB')
+    assert bench.peak_flops('cuda:0')[0] == 312e12
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda dev: 'Some New GPU')
+    assert 'is not in' in bench.peak_flops('cuda:0')[1] and bench.peak_flops('cpu') is None
 
 def test_compile_runs_steps(tiny_data, tmp_path, capsys):
     code, out, err = cli(topo_gpt.main, gpt_run(tiny_data, tmp_path, '--compile', '--max_iters=2',
@@ -636,24 +790,35 @@ def test_topolm_command_line(tiny_data, tmp_path):
     # the script itself, once: a run, --help with what every key does, and a bad key as one line
     p = run_script(['topo_gpt.py', *gpt_run(tiny_data, tmp_path, '--max_iters=1')])
     assert p.returncode == 0 and 'saved' in p.stdout, p.stderr
-    p = run_script(['topo_gpt.py', '--help'])
-    assert p.returncode == 0
-    for key, (check, what) in topo_gpt.DEFAULT_NOTES.items():
-        assert f'--{key}={topo_gpt.DEFAULTS[key]}' in p.stdout and what in p.stdout
-    assert '--preset=paper:' in p.stdout
+    assert_help_names_every_key(topo_gpt)
     p = run_script(['topo_gpt.py', '--learning_rate=-1'])
-    assert_one_line_error(p.returncode, p.stderr, '--learning_rate=-1.0: must be finite and > 0')
+    assert_one_line_error(p.returncode, p.stderr, '--learning_rate=-1.0: must be finite and x > 0')
+
+def assert_help_names_every_key(module):
+    """--help lists every config key with its comment (argparse wraps the text: compared word for word)."""
+    p = run_script([os.path.basename(module.__file__), '--help'])
+    assert p.returncode == 0, p.stderr
+    words = ' '.join(p.stdout.split())
+    notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", open(module.__file__).read().split('\nDEFAULTS')[0], re.M))
+    assert set(notes) == set(module.DEFAULTS)
+    for key, note in notes.items():
+        assert f'--{key} ' in words and ' '.join(note.split()) in words, key
+    return words
 
 def test_topolm_paper_preset_is_the_official_config():
     # models/config/train_gpt2.yaml of the official code: 12 x 16 heads x 784, 1024 tokens, no biases,
     # 48 x 1024 x 20 = 983,040 tokens a step, AdamW 6e-4 (0.9, 0.95), wd 0.1, clip 1, warmup 2000, min 6e-5
-    cfg, _ = topo_gpt.parse_args(['--preset=paper'], topo_gpt.DEFAULTS, topo_gpt.PRESETS, '', topo_gpt.DEFAULT_NOTES)
+    cfg, _ = topo_gpt.parse_config(['--preset=paper'], topo_gpt.DEFAULTS, topo_gpt.PRESETS, '', topo_gpt.__file__)
     official = dict(n_layer=12, n_head=16, n_embd=784, block_size=1024, bias=False, dropout=0.0, batch_size=48,
                     gradient_accumulation_steps=20, learning_rate=6e-4, beta1=0.9, beta2=0.95, weight_decay=0.1,
                     grad_clip=1.0, warmup_iters=2000, min_lr=6e-5, alpha=2.5, radius=5, n_neighborhoods=5,
                     residual_maps=False)
     assert {k: cfg[k] for k in official} == official
     assert cfg['batch_size'] * cfg['block_size'] * cfg['gradient_accumulation_steps'] == 983_040
+    # explicit keys win over the preset; a preset's keys count as given
+    cfg, given = topo_gpt.parse_config(['--n_layer=2', '--preset=classroom'], topo_gpt.DEFAULTS, topo_gpt.PRESETS, '',
+                                       topo_gpt.__file__)
+    assert cfg['n_layer'] == 2 and cfg['max_iters'] == 400 and given['block_size'] == 64
 
 # -----------------------------------------------------------------------------
 # topoformer.py
@@ -891,6 +1056,27 @@ def test_mlm_loss_is_on_the_masked_positions_only():
     full, _ = model(inp)
     torch.testing.assert_close(logits, full[picked])
     torch.testing.assert_close(loss, F.cross_entropy(full.view(-1, 50304), targets.view(-1), ignore_index=-100))
+    # the batch brings the masked positions, found on the CPU: the forward then finds none itself (on a GPU
+    # finding them waits for the device, and under --compile splits the graph), with the same logits and loss
+    data = np.tile(np.arange(1000, 1400, dtype=np.uint16), 10)
+    x, y, picked = tf.get_batch(data, 2, 16, torch.Generator().manual_seed(2))
+    assert torch.equal(picked, (y.view(-1) != tf.IGNORE_INDEX).nonzero().squeeze(1))
+    with_picked = model(x, y, picked=picked)
+    real = torch.Tensor.nonzero
+    torch.Tensor.nonzero = lambda self, *a, **k: pytest.fail('nonzero in the forward')
+    try:
+        again = model(x, y, picked=picked)
+    finally:
+        torch.Tensor.nonzero = real
+    assert torch.equal(with_picked[0], again[0]) and torch.equal(with_picked[1], model(x, y)[1])
+
+def test_topoformer_flops_count_the_head_on_the_masked_tokens_only():
+    model = Topoformer(tf_tiny_config())
+    D, V = 64, 50304
+    body = model.get_num_params() - V * D - D * D  # all but the tied decoder and the prediction head
+    assert model.flops_per_token() == pytest.approx(6 * (body + 0.15 * (V * D + D * D)) + 12 * 2 * D * 32)
+    clf = Topoformer(tf_tiny_config(n_class=2))
+    assert clf.flops_per_token() == pytest.approx(6 * (clf.get_num_params() - V * D) + 12 * 2 * D * 32)
 
 def test_a_few_dozen_mlm_steps_lower_the_loss(mlm_data, tmp_path, capsys):
     code, out, err = cli(tf.main, [*TF_TINY_CLI, f'--data_dir={mlm_data}', '--dataset=tiny', f'--out_dir={tmp_path}',
@@ -929,10 +1115,9 @@ def test_topoformer_checkpoint_round_trip(tmp_path):
     model(inp, targets)[1].backward()
     opt.step()
     path = str(tmp_path / 'ckpt.pt')
-    tf.save_checkpoint(path, tf.checkpoint_of(model, opt, 1, 5.0, 10.0, {'task': 'mlm'}))
+    tf.save_checkpoint(path, tf.checkpoint_of(model, 1, {'task': 'mlm'}, opt, 'cpu', 5.0, 10.0), '')
     ckpt = torch.load(path, weights_only=False)
-    assert ckpt['model_type'] == 'topoformer' and ckpt['iter_num'] == 1
-    assert {'torch', 'numpy', 'python', 'cuda'} <= set(ckpt['rng'])
+    assert ckpt['model_type'] == 'topoformer' and ckpt['iter_num'] == 1 and set(ckpt['rng']) == {'torch', 'cuda'}
     loaded = Topoformer.from_checkpoint(path)
     assert not loaded.training and loaded.config == model.config
     model.eval()
@@ -957,23 +1142,24 @@ def test_topoformer_resume_is_bit_exact(mlm_data, tmp_path, capsys):
                            cb['model']['transformer.h.0.attn.c_q.weight'])  # the resumed half did train
 
 def test_topoformer_config_presets_and_task_defaults():
-    cfg, _ = tf.config_of(['--compile'])
+    parse = lambda argv: tf.parse_config(argv, tf.DEFAULTS, tf.PRESETS, tf.HELP, tf.__file__)[0]
+    cfg = parse(['--compile'])
     assert cfg['compile'] is True and cfg['n_embd'] == 256 and cfg['task'] == 'mlm'
-    cfg, _ = tf.config_of(['--task=sentiment', '--sq=0.2'])
-    assert (cfg['n_layer'], cfg['n_embd'], cfg['sq'], cfg['sr'], cfg['dense_proj']) == (1, 400, 0.2, 0.3, False)
-    cfg, _ = tf.config_of(['--preset=classroom', '--sq=1', '--sr=1'])
+    cfg = parse(['--preset=classroom', '--sq=1', '--sr=1'])
     assert cfg['sq'] == cfg['sr'] == 1.0 and cfg['max_iters'] == tf.PRESETS['classroom']['max_iters']
     # --preset=paper is the official BERT: cramming_local arch/bert-c5_topo + train/bert-o3
-    cfg, _ = tf.config_of(['--preset=paper'])
+    cfg = parse(['--preset=paper'])
     official = dict(n_layer=16, n_head=1, n_embd=784, ffn_size=3072, block_size=128, sq=0.3, sr=0.3, wrap=True,
                     dense_proj=True, dropout=0.0, learning_rate=1e-3, beta1=0.9, beta2=0.98, adam_eps=1e-12,
                     weight_decay=0.01, grad_clip=0.5, sr_nonneg=True)
     assert {k: cfg[k] for k in official} == official
     assert cfg['batch_size'] * cfg['gradient_accumulation_steps'] == 4096  # sequences per step
+    s = tf.TASK_DEFAULTS['sentiment']  # the official 1-layer IMDB model (config_text.yaml)
+    assert (s['n_layer'], s['n_embd'], s['sq'], s['sr'], s['dense_proj']) == (1, 400, 0.1, 0.3, False)
 
-@pytest.mark.parametrize('arg, words', BAD_CONFIG[:-3] + [
-    ('--n_embd=250', 'perfect square'), ('--sq=0', 'sq=0.0: must be in the interval (0, 1]'),
-    ('--sr=1.5', 'sr=1.5'), ('--task=translate', 'one of mlm, sentiment'), ('--ffn_size=101', 'must be even')])
+@pytest.mark.parametrize('arg, words', [c for c in BAD_CONFIG if 'snapshot' not in c[0]][:-3] + [
+    ('--n_embd=250', 'perfect square'), ('--sq=0', '--sq=0.0: must be finite and 0 < x <= 1'),
+    ('--sr=1.5', 'sr=1.5'), ('--task=translate', "--task: invalid choice: 'translate'"), ('--ffn_size=101', 'must be even')])
 def test_topoformer_bad_config_is_one_line(arg, words, mlm_data, tmp_path, capsys):
     code, _, err = cli(tf.main, [f'--data_dir={mlm_data}', '--dataset=tiny', f'--out_dir={tmp_path}', '--max_iters=1',
                                  arg], capsys)
@@ -987,19 +1173,18 @@ def test_topoformer_bad_data_and_mismatches_are_one_line(tmp_path, capsys):
     code, _, err = cli(tf.main, ['--task=sentiment', f'--imdb_dir={tmp_path / "WRONG"}'], capsys)
     assert_one_line_error(code, err, 'IMDB layout')
     model = Topoformer(tf_tiny_config(block_size=16))
-    cfg, _ = tf.config_of(['--n_layer=2', '--n_embd=64', '--ffn_size=128', '--block_size=16'])
-    os.makedirs(tmp_path / 'out')
-    tf.save_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'),
-                       tf.checkpoint_of(model, model.configure_optimizers(0.0, 1e-3, (0.9, 0.98), 'cpu'), 0, 9.9,
-                                        None, cfg))
+    cfg, _ = tf.parse_config(['--n_layer=2', '--n_embd=64', '--ffn_size=128', '--block_size=16'], tf.DEFAULTS,
+                             tf.PRESETS, tf.HELP, tf.__file__)
+    tf.save_checkpoint(str(tmp_path / 'out' / 'ckpt.pt'), tf.checkpoint_of(
+        model, 0, cfg, model.configure_optimizers(0.0, 1e-3, (0.9, 0.98), 'cpu'), 'cpu', 9.9, None), '')
     code, _, err = cli(tf.main, [f'--out_dir={tmp_path / "out"}', '--resume', '--task=sentiment'], capsys)
     assert_one_line_error(code, err, "--task=sentiment does not fit the checkpoint's model (a masked LM)")
     with pytest.raises(ValueError, match='longer than block_size'):
         model(torch.zeros(1, 17, dtype=torch.long))
 
 def test_topoformer_bench_compares_with_the_control(capsys):
-    code, out, err = cli(tf.main, ['--bench', '--n_layer=1', '--n_embd=64', '--ffn_size=128', '--block_size=16',
-                                   '--batch_size=2', '--dtype=float32'], capsys)
+    code, out, err = cli(bench.bench_topoformer, ['--n_layer=1', '--n_embd=64', '--ffn_size=128', '--block_size=16',
+                                                  '--batch_size=2', '--dtype=float32'], capsys)
     assert code == 0, err
     assert 'control (sq=1.0, sr=1.0)' in out and 'topoformer (sq=0.3, sr=0.3)' in out and 'GFLOP/s' in out
     assert 0.3 < float(out.split('ratio of the two: ')[1].split()[0]) < 3
@@ -1009,18 +1194,34 @@ def test_topoformer_compile_runs_a_step(mlm_data, tmp_path, capsys):
                                    '--compile', '--n_layer=1', '--max_iters=2', '--eval_interval=2', '--log_interval=1'],
                          capsys)
     assert code == 0, err[-3000:]
-    assert 'compiling' in out and math.isfinite(float(out.split('iter 2: loss ')[1].split(',')[0]))
+    assert math.isfinite(float(out.split('iter 2: loss ')[1].split(',')[0]))
 
 def test_topoformer_command_line(mlm_data, tmp_path):
     p = run_script(['topoformer.py', *TF_TINY_CLI, f'--data_dir={mlm_data}', '--dataset=tiny',
                     f'--out_dir={tmp_path}', '--max_iters=1'])
     assert p.returncode == 0 and 'saved' in p.stdout, p.stderr
-    p = run_script(['topoformer.py', '--help'])
-    assert p.returncode == 0 and '--task=sentiment sets:' in p.stdout and '--preset=paper:' in p.stdout
-    for key, (check, what) in tf.DEFAULT_NOTES.items():
-        assert f'--{key}={tf.DEFAULTS[key]}' in p.stdout and what in p.stdout
+    words = assert_help_names_every_key(tf)
+    assert '--task=sentiment sets:' in words and '--preset=paper:' in words
     p = run_script(['topoformer.py', '--sq=0'])
     assert_one_line_error(p.returncode, p.stderr, '--sq=0.0')
+
+def test_fill_mask_ranks_what_the_model_was_trained_to_predict(mlm_data, tmp_path, capsys):
+    # a Topoformer trained on sentences from 40 words puts one of them at each [MASK], never a special token
+    code, out, err = cli(tf.main, [*TF_TINY_CLI, f'--data_dir={mlm_data}', '--dataset=tiny', f'--out_dir={tmp_path}',
+                                   '--batch_size=16', '--max_iters=60', '--eval_interval=60', '--learning_rate=3e-3'],
+                         capsys)
+    assert code == 0, err
+    model = Topoformer.from_checkpoint(str(tmp_path / 'ckpt.pt'))
+    data = np.memmap(os.path.join(mlm_data, 'tiny', 'val.bin'), dtype=np.uint16, mode='r')
+    idx = torch.from_numpy(data[:32].astype(np.int64))[None].clone()
+    words = set(np.unique(data).tolist()) - {tf.EOT_ID}
+    where = [i for i in range(32) if idx[0, i] != tf.EOT_ID][:3]
+    idx[0, where] = tf.MASK_ID
+    probs, ids = model.fill_mask(idx, k=5)
+    assert probs.shape == ids.shape == (3, 5) and torch.all(probs[:, :-1] >= probs[:, 1:])
+    assert set(ids.flatten().tolist()) <= words  # its five likeliest: words of the training text, no special token
+    with pytest.raises(ValueError, match='classifier'):
+        Topoformer(tf_tiny_config(n_class=2)).fill_mask(idx)
 
 # -----------------------------------------------------------------------------
 # prepare_data.py
@@ -1168,16 +1369,16 @@ def test_a_crash_during_the_switch_leaves_a_dataset_the_trainers_refuse(old_data
     ('empty_txts', ['--input=folder'], ['no text']),
     ('tiny', ['--input=tiny.txt'], ['too small']),
     ('latin1', ['--input=folder'], ['not UTF-8', 'b_latin1.txt']),
-    (None, ['--bogus=1'], ["'--bogus=1'"]),
-    (None, ['shakespeare.txt'], ["'shakespeare.txt'"]),
-    (None, ['--seed=abc'], ['--seed=abc', 'int']),
+    (None, ['--bogus=1'], ['unrecognized arguments: --bogus=1']),
+    (None, ['shakespeare.txt'], ['unrecognized arguments: shakespeare.txt']),
+    (None, ['--seed=abc'], ["--seed: invalid int value: 'abc'"]),
     (None, ['--seed=1.5'], ['int']),
-    (None, ['--seed=-1'], ['--seed=-1: must be finite and >= 0']),
+    (None, ['--seed=-1'], ['--seed=-1: must be finite and x >= 0']),
     (None, ['--val_fraction=lots'], ['float']),
     (None, ['--val_fraction=1.5'], ['val_fraction']),
     (None, ['--max_tokens=-5'], ['max_tokens']),
-    (None, ['--input'], ['needs a value']),
-    (None, ['--dataset=wikipedia'], ['--dataset=wikipedia', 'one of']),
+    (None, ['--input'], ['--input: expected one argument']),
+    (None, ['--dataset=wikipedia'], ["--dataset: invalid choice: 'wikipedia'"]),
     (None, ['--input=x.txt', '--dataset=imdb'], ['either']),
     (None, ['--input=x.txt', '--max_tokens=100'], ['max_tokens']),
     ('tiny', ['--input=tiny.txt', '--name=../escape'], ['--name=../escape', 'plain folder name']),
@@ -1331,7 +1532,7 @@ def test_prepare_command_line(tmp_path):
         assert meta['train_tokens'] + meta['val_tokens'] == 1_566_042 + 1  # the text's tokens + one EOT
         assert (len(train), len(val)) == (meta['train_tokens'], meta['val_tokens']) == (1_409_438, 156_605)
     p = run_script([os.path.join(ROOT, 'prepare_data.py'), '--val_fraction=2'], cwd=tmp_path)
-    assert_one_line_error(p.returncode, p.stderr, '--val_fraction=2.0: must be in the interval (0, 1)')
+    assert_one_line_error(p.returncode, p.stderr, '--val_fraction=2.0: must be finite and 0 < x < 1')
 
 # -----------------------------------------------------------------------------
 # analyze.py
@@ -1347,15 +1548,15 @@ def save_topolm(path, alpha, seed, block_size=64):
     torch.manual_seed(seed)
     args = dict(n_layer=2, n_head=2, n_embd=64, block_size=block_size, radius=3, alpha=alpha, seed=seed)
     model = topo_gpt.GPT(topo_gpt.GPTConfig(**args))
-    topo_gpt.save_checkpoint(str(path), topo_gpt.checkpoint_of(model, torch.optim.AdamW(model.parameters()), 0,
-                                                               float('inf'), None, {**topo_gpt.DEFAULTS, **args}))
+    topo_gpt.save_checkpoint(str(path), topo_gpt.checkpoint_of(model, 0, {**topo_gpt.DEFAULTS, **args}, torch.optim.AdamW(
+        model.parameters()), 'cpu', float('inf'), None), '')
 
 def save_topoformer(path, s):
     torch.manual_seed(0)
     args = dict(n_layer=1, n_head=1, n_embd=64, ffn_size=128, block_size=64, sq=s, sr=s)
     model = tf.Topoformer(tf.TopoformerConfig(**args))
-    tf.save_checkpoint(str(path), tf.checkpoint_of(model, torch.optim.AdamW(model.parameters()), 0,
-                                                                   float('inf'), None, {**tf.DEFAULTS, **args}))
+    tf.save_checkpoint(str(path), tf.checkpoint_of(model, 0, {**tf.DEFAULTS, **args}, torch.optim.AdamW(model.parameters()),
+                                                   'cpu', float('inf'), None), '')
 
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
@@ -1753,14 +1954,10 @@ def test_every_contrast_has_its_stimuli():
 # Command line and bad input: one line, exit 2
 
 def test_analyze_help_lists_every_key_with_its_check(capsys):
-    with pytest.raises(SystemExit) as e:
-        analyze.main(['--help'])
-    out = capsys.readouterr().out
-    assert e.value.code == 0
-    for k, v in analyze.DEFAULTS.items():
-        assert f"--{k}={v}" in out
-    notes = topo_gpt.read_config_notes(analyze.__file__)
-    checked = {k for k, (check, _) in notes.items() if check}
+    words = assert_help_names_every_key(analyze)
+    assert '--sample ' in words
+    notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", open(analyze.__file__).read().split('\nDEFAULTS')[0], re.M))
+    checked = {k for k, note in notes.items() if re.match(r"((\S+ <=? )?x [<>]=? \S+): ", note)}
     assert checked == {'n_shuffles', 'fwhm', 'fdr', 'min_patch', 'batch_size', 'seed'}
 
 @pytest.fixture(scope='module')
@@ -1775,7 +1972,7 @@ def bad_files(tmp_path_factory):
 
 @pytest.mark.parametrize('argv, words', [
     (['{ckpt}', '--n_shuffles=-1'], ['--n_shuffles=-1', '>= 0']),
-    (['{ckpt}', '--fdr=0'], ['--fdr=0', '(0, 1)']),
+    (['{ckpt}', '--fdr=0'], ['--fdr=0', '0 < x < 1']),
     (['{ckpt}', '--fdr=1.5'], ['--fdr=1.5']),
     (['{ckpt}', '--fwhm=-1'], ['--fwhm=-1.0', '>= 0']),
     (['{ckpt}', '--fwhm=nan'], ['--fwhm=nan']),
@@ -1791,7 +1988,7 @@ def bad_files(tmp_path_factory):
     (['{ckpt}', '--out_dir={bad}/a_file'], ['--out_dir', 'not a folder']),
     (['{ckpt}', '--out_dir={bad}/a_file/sub'], ['--out_dir', 'not a folder']),
     (['{bad}/missing.pt'], ['no checkpoint']),
-    (['{bad}/notes.txt'], ['not a torch checkpoint']),
+    (['{bad}/notes.txt'], ['cannot be read']),
     (['{bad}/foreign.pt'], ['foreign']),
     (['{bad}/odd.pt'], ['resnet']),
     (['{bad}/no_config.pt'], ['incomplete', 'model_args']),
@@ -1928,6 +2125,65 @@ def test_a_full_disk_while_writing_the_analysis_is_one_line(ckpts, enc, capsys, 
     code = topo_gpt.command(analyze.main, [str(ckpts / 'topolm.pt'), '--contrasts=language', '--n_shuffles=0',
                                            f'--out_dir={tmp_path / "out"}'])
     assert_one_line_error(code, capsys.readouterr().err, 'could not write into', 'No space left')
+    assert os.listdir(tmp_path / 'out') == []  # no temporary file left behind
+
+def test_an_analysis_is_written_whole_or_not_at_all(ckpts, enc, capsys, tmp_path, monkeypatch, ctrl_c):
+    # Ctrl-C while the figures are written leaves the folder's earlier analysis as it was, every file whole;
+    # a run that finishes replaces it whole
+    out = tmp_path / 'out'
+    args = [str(ckpts / 'topolm.pt'), '--contrasts=language', '--n_shuffles=0', '--fwhm=0', f'--out_dir={out}']
+    run_main(args, capsys)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    assert set(before) == {'language.png', 'correlation_distance.png', 'metrics.json'}
+    real = analyze.plot_profiles
+    def interrupted(path, *a):
+        real(path, *a)
+        open(path, 'r+b').truncate(124)  # the figure half written when Ctrl-C comes
+        raise KeyboardInterrupt
+    monkeypatch.setattr(analyze, 'plot_profiles', interrupted)
+    code = topo_gpt.command(analyze.main, args + ['--seed=7'], interrupted='x')
+    assert code == 130 and {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    monkeypatch.setattr(analyze, 'plot_profiles', real)
+    run_main(args + ['--seed=7'], capsys)
+    assert set(os.listdir(out)) == set(before) and json.loads((out / 'metrics.json').read_text())['config']['seed'] == 7
+
+def test_one_colour_scale_set_by_the_99th_percentile_of_both_models(monkeypatch, tmp_path):
+    # a few extreme t-values (the control's) must not pale every map: the shared scale is the 99th percentile of
+    # all |t| of both models, and the colour bar says so
+    seen = {}
+    import matplotlib.axes
+    real = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, 'imshow', lambda self, *a, **k: seen.update(k) or real(self, *a, **k))
+    rng = np.random.default_rng(0)
+    model = {'h.0.attn': (rng.normal(0, 3, (8, 8)), np.zeros((8, 8)))}
+    control = {'h.0.attn': (rng.normal(0, 3, (8, 8)), np.zeros((8, 8)))}
+    control['h.0.attn'][0][0, 0] = 130.0
+    mm = {'h.0.attn': dict(morans_i=0.5, morans_i_smoothed=None)}
+    analyze.plot_contrast(str(tmp_path / 'x.png'), [('model: a', model, mm), ('control: b', control, mm)], 'title')
+    both = np.abs(np.concatenate([model['h.0.attn'][0].ravel(), control['h.0.attn'][0].ravel()]))
+    assert seen['vmax'] == pytest.approx(np.percentile(both, 99)) and seen['vmax'] < 20 and seen['vmin'] == -seen['vmax']
+
+def test_samples_of_both_models_and_their_bad_prompts(ckpts, enc, capsys, tmp_path):
+    # --sample prints what the model says beside its control, each line starting with the prompt; the default
+    # analysis prints one short sample of each under its tables
+    code = topo_gpt.command(analyze.main, [str(ckpts / 'topolm.pt'), f'--control={ckpts / "topolm_control.pt"}',
+                                           '--sample=To be, or not to be'])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and len(out) == 2 and out[0].startswith('model:   To be, or not to be')
+    assert out[1].startswith('control: To be, or not to be') and len(out[0]) > len('model:   To be, or not to be') + 10
+    again = topo_gpt.command(analyze.main, [str(ckpts / 'topolm.pt'), '--sample=To be, or not to be'])
+    assert again == 0 and capsys.readouterr().out.splitlines() == out[:1]  # the same seed, the same words
+    long = 'word ' * 100  # longer than the context of 64: cropped, and said so
+    assert topo_gpt.command(analyze.main, [str(ckpts / 'topolm.pt'), f'--sample={long}']) == 0
+    assert 'lie beyond the context of 64' in capsys.readouterr().out
+    code = topo_gpt.command(analyze.main, [str(ckpts / 'topoformer.pt'), f'--control={ckpts / "topoformer_control.pt"}',
+                                           '--sample=The [MASK] was lovely.'])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and out[0].startswith('model:   The [MASK] was lovely. -> [MASK] = ')
+    assert out[1].startswith('control: The [MASK] was lovely. -> [MASK] = ') and out[0].count(',') >= 4
+    for ckpt, prompt, words in (('topolm.pt', ' ', 'empty'), ('topoformer.pt', 'No mask here.', '[MASK]')):
+        code = topo_gpt.command(analyze.main, [str(ckpts / ckpt), f'--sample={prompt}'])
+        assert_one_line_error(code, capsys.readouterr().err, words)
 
 def test_pipeline_own_stimuli_unsmoothed(ckpts, enc, capsys, tmp_path):
     csv_path = tmp_path / 'animacy.csv'
@@ -1960,7 +2216,73 @@ def test_analyze_cli_subprocess(ckpts, enc, tmp_path):
                     f'--out_dir={tmp_path}'])
     assert p.returncode == 0, p.stderr
     assert (tmp_path / 'noun_verb_abstract.png').exists() and (tmp_path / 'metrics.json').exists()
-    assert "noun_verb_abstract: mean Moran's I" in p.stdout
+    assert "noun_verb_abstract: mean Moran's I" in p.stdout and p.stdout.count('To be, or not to be') == 1
+
+# -----------------------------------------------------------------------------
+# Over training: snapshots while training, and their analysis
+
+def test_snapshot_steps():
+    cfg = {**topo_gpt.DEFAULTS, 'max_iters': 400}
+    assert topo_gpt.check_schedule({**cfg, 'snapshot_iters': 'log'}) == {0, 25, 50, 100, 200, 400}
+    assert topo_gpt.check_schedule({**cfg, 'snapshot_iters': '0, 50,100'}) == {0, 50, 100}
+    assert topo_gpt.check_schedule(cfg) == set()
+    for bad in ('every', '0,,5', '500'):
+        with pytest.raises(UsageError, match='snapshot_iters'):
+            topo_gpt.check_schedule({**cfg, 'snapshot_iters': bad})
+
+def test_snapshots_are_written_at_the_steps_asked_and_load(tiny_data, tmp_path, capsys):
+    out = tmp_path / 'run'
+    code, stdout, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=6', '--eval_interval=100',
+                                                   '--snapshot_iters=0,3,6'), capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out / 'snapshots')) == ['step_000000.pt', 'step_000003.pt', 'step_000006.pt']
+    snap = torch.load(out / 'snapshots' / 'step_000003.pt', weights_only=False)
+    assert snap['iter_num'] == 3 and 'optimizer' not in snap and set(snap['losses']) == {'train', 'val', 'val_spatial'}
+    assert f"step 3: train ce {snap['losses']['train']:.4f}" in stdout
+    model = GPT.from_checkpoint(str(out / 'snapshots' / 'step_000003.pt'))
+    assert model.config.n_embd == 64 and not model.training
+    # resumed, the run keeps the snapshots it had and adds the later ones
+    code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=8', '--snapshot_iters=3,8'], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out / 'snapshots'))[-1] == 'step_000008.pt'
+    code, _, err = cli(tf.main, [*TF_TINY_CLI, f'--data_dir={tiny_data}', '--dataset=tiny', f'--out_dir={tmp_path / "tf"}',
+                                 '--max_iters=2', '--snapshot_iters=log'], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / 'tf' / 'snapshots')) == ['step_000000.pt', 'step_000002.pt']
+    assert Topoformer.from_checkpoint(str(tmp_path / 'tf' / 'snapshots' / 'step_000002.pt')).config.n_embd == 64
+
+def test_the_analysis_of_a_folder_of_snapshots(tiny_data, ckpts, enc, tmp_path, capsys):
+    from PIL import Image
+    out = tmp_path / 'run'
+    code, _, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--block_size=64', '--max_iters=60', '--eval_interval=100',
+                                              '--snapshot_iters=log'), capsys)
+    assert code == 0, err
+    metrics = analyze.main([str(out / 'snapshots'), f'--control={ckpts / "topolm_control.pt"}',
+                            '--contrasts=language,noun_verb'])
+    stdout = capsys.readouterr().out
+    assert '4 snapshots in' in stdout and '2 label redraws each' in stdout  # fewer redraws, and said
+    assert re.search(r"^ +25 +\d+\.\d{3} \| +-?\d\.\d\d \(-?\d\.\d\d ± \d\.\d\d\)", stdout, re.M)
+    folder = out / 'snapshots' / 'analysis'
+    assert sorted(os.listdir(folder)) == ['metrics.json', 'over_training.gif', 'over_training.png',
+                                          'over_training_maps.png']
+    gif = Image.open(folder / 'over_training.gif')
+    assert gif.n_frames == 4  # the maps at steps 0, 25, ... as an animation
+    m = json.loads((folder / 'metrics.json').read_text())
+    assert [e['step'] for e in m['over_training']] == [0, 25, 50, 60]
+    single = analyze.main([str(out / 'snapshots' / 'step_000060.pt'), '--contrasts=language,noun_verb', '--n_shuffles=2',
+                           f'--out_dir={tmp_path / "one"}'])
+    capsys.readouterr()
+    last = m['over_training'][-1]
+    assert set(last['contrasts']['language']) == set(single['model']['contrasts']['language'])  # the same keys
+    assert last['contrasts']['language']['mean_morans_i'] == pytest.approx(
+        single['model']['contrasts']['language']['mean_morans_i'])  # and the same figures
+    assert last['losses']['val'] > 0 and m['control']['topographic'] is False
+    # a damaged snapshot, or a folder without any, is one clear line
+    (out / 'snapshots' / 'step_000025.pt').write_bytes(b'PK half a file')
+    code = topo_gpt.command(analyze.main, [str(out / 'snapshots'), '--contrasts=language'])
+    assert_one_line_error(code, capsys.readouterr().err, 'step_000025.pt', 'cannot be read')
+    code = topo_gpt.command(analyze.main, [str(tmp_path), '--contrasts=language'])
+    assert_one_line_error(code, capsys.readouterr().err, 'holds no snapshots')
 
 # -----------------------------------------------------------------------------
 # The official TopoLM checkpoint format (the published models), on the tiny fixture in ../shared
@@ -1997,18 +2319,18 @@ def test_official_checkpoint_without_its_positions_is_one_line(enc, tmp_path, ca
 # -----------------------------------------------------------------------------
 # the house: shared code that cannot drift, and a README that tells the truth
 
-# Each script is self-contained, so the training plumbing is written out in both model scripts (and the
-# config and signal handling in prepare_data.py too): these copies must stay identical, to the character.
+# Each script is self-contained, so the plumbing is written out in both model scripts (and the config and
+# signal handling in prepare_data.py too): these copies must stay identical, to the character.
 SHARED_CODE = {
-    'topoformer.py': ['UsageError', 'read_config_notes', 'check_value', 'parse_args', 'open_split', 'pick_device',
-                      'pick_dtype', 'setup', 'share_step', 'keep_freed_memory', 'get_lr', 'train_step', 'diverged',
-                      'signals_deferred', 'save_checkpoint', 'checkpoint_of', 'last_checkpoint', 'load_checkpoint',
-                      'set_rng_state', 'resume_config', 'writable_dir', 'command', 'compare_steps'],
-    'prepare_data.py': ['UsageError', 'read_config_notes', 'check_value', 'parse_args', 'signals_deferred', 'command'],
+    'topoformer.py': ['UsageError', 'parse_config', 'boolean', 'start_processes', 'precision', 'share_step', 'to_device',
+                      'keep_freed_memory', 'check_schedule', 'signals_deferred', 'save_checkpoint', 'checkpoint_of',
+                      'last_checkpoint', 'load_checkpoint', 'set_rng_state', 'resume_config', 'writable_dir', 'command',
+                      'get_lr', 'train_step', 'open_split'],
+    'prepare_data.py': ['UsageError', 'parse_config', 'boolean', 'signals_deferred', 'command'],
 }
-# written differently on purpose: what each model computes, reports and benchmarks
+# written differently on purpose: what each model computes, reports and loads
 DIFFERENT_BY_DESIGN = {'get_batch': 'MLM masks its batches', 'estimate_loss': 'CE + spatial loss vs loss + accuracy',
-                       'benchmark': 'spatial loss on/off vs Topoformer/control', 'main': 'the two training loops'}
+                       'main': 'the two training loops'}
 
 def test_shared_code_is_identical_in_every_copy():
     modules = {'topoformer.py': tf, 'prepare_data.py': prepare_data}
@@ -2022,36 +2344,53 @@ def test_shared_code_is_identical_in_every_copy():
     both = top_level(topo_gpt) & top_level(tf)
     assert both <= set(SHARED_CODE['topoformer.py']) | set(DIFFERENT_BY_DESIGN), both - set(SHARED_CODE['topoformer.py'])
 
-README = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+def test_each_model_file_reads_in_nanogpts_order():
+    # docstring, config, the science (its first line early), data, the loop's functions, main(), then the plumbing
+    for module, first in ((topo_gpt, 'def distance_kernel'), (tf, 'def grid_coords')):
+        text = open(module.__file__).read()
+        lines = text.splitlines()
+        assert text[:text.index(first)].count('\n') < 150, module.__name__  # the first line of topography
+        main_at = next(i for i, l in enumerate(lines) if l.startswith('def main('))
+        main_len = next(i for i in range(main_at + 1, len(lines)) if lines[i] and not lines[i][0].isspace()) - main_at
+        assert main_len <= 100, (module.__name__, main_len)
+        plumbing = text.index('# Plumbing that is not the model')
+        for name in SHARED_CODE['topoformer.py'][:18]:
+            assert text.index(f'{"class" if name == "UsageError" else "def"} {name}') > plumbing, name
+        assert text.index('def main(') < plumbing and text.index('def get_batch(') < text.index('def train_step(')
+    for path in ('topo_gpt.py', 'topoformer.py', 'analyze.py', 'prepare_data.py', 'bench.py', 'test_topo.py'):
+        long = [i + 1 for i, l in enumerate(open(os.path.join(ROOT, path)).read().splitlines()) if len(l) > 120]
+        assert not long, (path, long)
 
-def readme_answers():
-    """Every ```python block of the README's worked answers (<details>), executed into one namespace."""
+README = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+CLASSROOM = open(os.path.join(ROOT, 'docs', 'classroom.md'), encoding='utf-8').read()
+ANSWERS = open(os.path.join(ROOT, 'docs', 'classroom-answers.md'), encoding='utf-8').read()
+
+def reference_answers():
+    """Every ```python block of the teachers' answers (docs/classroom-answers.md), executed into one namespace."""
     ns = {}
-    for details in README.split('<details>')[1:]:
-        for block in details.split('</details>')[0].split('```python')[1:]:
-            exec(block.split('```')[0], ns)
+    for block in ANSWERS.split('```python')[1:]:
+        exec(block.split('```')[0], ns)
     return ns
 
 @pytest.mark.parametrize('name, hook', [('absolute_loss', 'spatial_correlation_loss'),
                                         ('gaussian_kernel', 'distance_kernel'),
                                         ('cutoff_kernel', 'distance_kernel')])
 def test_reference_answers_train(name, hook, monkeypatch, tiny_data):
-    answer = readme_answers()[name]
+    answer = reference_answers()[name]
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
     idx = torch.randint(0, 200, (4, 32))
-    torch.manual_seed(1)
-    model(idx, idx)
+    windows = topo_gpt.sample_neighborhoods(4, len(model.window_places), 3)
+    model(idx, idx, windows=windows)
     before = model.spatial_loss.item()
     monkeypatch.setattr(topo_gpt, hook, answer)
-    torch.manual_seed(1)  # the same windows
-    model(idx, idx)
+    model(idx, idx, windows=windows)  # the same windows
     assert model.spatial_loss.item() != pytest.approx(before)  # the model really trains with it
     opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cpu')
     data = np.memmap(os.path.join(tiny_data, 'tiny', 'train.bin'), dtype=np.uint16, mode='r')
     sls = []
     for _ in range(20):
-        X, Y = topo_gpt.get_batch(data, 8, 32, 'cpu')
+        X, Y = topo_gpt.get_batch(data, 8, 32)
         _, loss = model(X, Y)
         assert torch.isfinite(loss)
         loss.backward()
@@ -2060,9 +2399,9 @@ def test_reference_answers_train(name, hook, monkeypatch, tiny_data):
         sls.append(model.spatial_loss.item())
     assert np.mean(sls[-5:]) < np.mean(sls[:5])  # and it lowers its own loss
 
-def test_readme_line_ranges_point_at_the_functions():
-    # the exercises say where to edit as "topo_gpt.py lines A-B (`name`)": keep them true
-    found = re.findall(r'`(\w+\.py)` lines (\d+)-(\d+) \(`([\w.]+)`\)', README)
+def test_classroom_line_ranges_point_at_the_functions():
+    # the handout says where to edit as "topo_gpt.py lines A-B (`name`)": keep them true
+    found = re.findall(r'`(\w+\.py)` lines (\d+)-(\d+) \(`([\w.]+)`\)', CLASSROOM)
     assert len(found) >= 4
     for path, a, b, name in found:
         lines = open(os.path.join(ROOT, path)).read().splitlines()
@@ -2075,20 +2414,21 @@ def test_readme_line_ranges_point_at_the_functions():
         assert not after.strip() or indent(after) <= indent(lines[a - 1]), (path, b, name)
 
 def test_classroom_loop_runs_as_documented(tiny_data, tmp_path, capsys, monkeypatch):
-    # the README's one-line loop, each command through its script's main, on the tiny corpus and model
+    # the README's five-minute loop, each command through its script's main, on the tiny corpus and model
     gpt2()
-    line = README.split('<!-- classroom-loop -->')[1].split('```')[1].strip().splitlines()[-1]
-    monkeypatch.chdir(tmp_path)
-    mains = {'topo_gpt.py': topo_gpt.main, 'topoformer.py': tf.main, 'analyze.py': analyze.main}
-    for cmd in line.split('&&'):
-        python, script, *args = cmd.split()
-        assert python == 'python' and script in mains
-        if script != 'analyze.py':
-            args += [*TINY_CLI, '--block_size=64', f'--data_dir={tiny_data}', '--dataset=tiny', '--max_iters=6',
-                     '--eval_interval=6']  # (the language stimuli need 64 tokens)
-        code, out, err = cli(mains[script], args, capsys)
-        assert code == 0, (cmd, err[-2000:])
-    assert "Moran's I" in out and 'control' in out
+    for text in (README, CLASSROOM):
+        line = text.split('<!-- classroom-loop -->')[1].split('```')[1].strip().splitlines()[-1]
+        monkeypatch.chdir(tmp_path)
+        mains = {'topo_gpt.py': topo_gpt.main, 'topoformer.py': tf.main, 'analyze.py': analyze.main}
+        for cmd in line.split('&&'):
+            python, script, *args = cmd.split()
+            assert python == 'python' and script in mains
+            if script != 'analyze.py':
+                args += [*TINY_CLI, '--block_size=64', f'--data_dir={tiny_data}', '--dataset=tiny', '--max_iters=6',
+                         '--eval_interval=6', '--snapshot_iters=0,6' * ('snapshot' in cmd)]
+            code, out, err = cli(mains[script], [a for a in args if a], capsys)
+            assert code == 0, (cmd, err[-2000:])
+        assert "Moran's I" in out and 'control' in out
 
 def test_readme_test_command_is_what_ci_runs():
     ci = open(os.path.join(ROOT, '.ci', 'run')).read()

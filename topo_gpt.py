@@ -16,7 +16,6 @@ loss (from TDANN, Margalit et al. 2024) that asks nearby units to respond alike.
 SL is 0 when correlation falls off with distance as D does, 0.5 when it is unrelated to distance, 1 when
 it rises with it. Read top to bottom: config, the spatial loss and the grid, the model, data, the training
 loop's own functions, main(); last, the plumbing that is not the model (command line, devices, files).
-    python topo_gpt.py --alpha=0 --out_dir=out_control      # the non-topographic control (README)
 """
 
 import os
@@ -79,7 +78,7 @@ compile = False  # compile the model with torch.compile
 seed = 1337  # x >= 0: seeds the batches, the windows and the units' places
 preset = ''  # a named set of overrides, applied before the other keys (see PRESETS)
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and isinstance(v, (bool, int, float, str))}
+DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and type(v) in (bool, int, float, str)}
 PRESETS = {
     # the paper's model and its official config (models/config/train_gpt2.yaml): GPT-2 small on 28 x 28 grids,
     # 983,040 tokens per step; the step count is ours: 10k steps = one pass over FineWeb-Edu's 10B-token sample
@@ -89,14 +88,14 @@ PRESETS = {
                   alpha=2.5, radius=5, n_neighborhoods=5, eval_interval=1000, eval_iters=200),
     # the five-minute classroom loop (docs/classroom.md): a model and its control in about a minute each
     'classroom': dict(n_layer=2, n_head=4, n_embd=256, block_size=64, batch_size=8, max_iters=400,
-                      eval_interval=200, eval_iters=10, warmup_iters=40),
+                      eval_interval=200, eval_iters=10, warmup_iters=40, snapshot_iters='log'),
 }
 MODEL_TYPE = 'topolm'  # written into every checkpoint: analyze.py tells the models apart by it
 GPT2_VOCAB = 50257  # GPT-2's tokens; the vocabulary is padded to 50304 (a multiple of 64, for speed)
 
 # -----------------------------------------------------------------------------
-# Topography: the spatial correlation loss (TDANN, as TopoLM uses it) and the grid it acts on. The model
-# looks distance_kernel and spatial_correlation_loss up when it calls them: replace one and it trains with yours.
+# Topography: the spatial correlation loss (TDANN, as TopoLM uses it) and the grid. The model looks up
+# distance_kernel and spatial_correlation_loss when it calls them: replace one, and it trains with yours.
 
 def distance_kernel(d):
     """How alike two units at grid distance d should respond: TopoLM's inverse distance, 1 / (1 + d)."""
@@ -146,10 +145,10 @@ def window_places(side, radius):
     (W, w*w) places row * side + col, W = (side - w + 1)^2 (radius 5: 9 x 9 units, TopoLM's neighbourhood)."""
     w = 2 * radius - 1
     offsets = (torch.arange(w)[:, None] * side + torch.arange(w)[None, :]).flatten()  # (w*w,)
-    corners = torch.arange(side - w + 1)
+    corners = torch.arange(max(0, side - w + 1))
     return (corners[:, None] * side + corners[None, :]).flatten()[:, None] + offsets[None, :]
 
-def sample_windows(n_maps, n_windows, k):
+def sample_neighborhoods(n_maps, n_windows, k):
     """k distinct windows per map, drawn anew every step as the official code draws them: (n_maps, k) window ids."""
     return torch.rand(n_maps, n_windows).argsort(dim=1)[:, :k]
 
@@ -167,8 +166,7 @@ class Covariance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         xc, = ctx.saved_tensors
-        # (G + G^T) xc^T, transposed: laid out like x's own storage when x is a transposed (K, n, N) tensor,
-        # as the model's gather makes it, so the gradient flows back without a copy
+        # (G + G^T) xc^T, transposed: laid out like x, the model's transposed (K, n, N) gather: no copy on the way back
         return ((g + g.transpose(-1, -2)) @ xc.transpose(-1, -2)).transpose(-1, -2)
 
 # -----------------------------------------------------------------------------
@@ -201,11 +199,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # flash attention where the device has it
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        # q, k, v: (B, nh, T, hs); flash attention where the device has it
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -234,12 +229,10 @@ class Block(nn.Module):
 
     def forward(self, x):
         a = self.attn(self.ln_1(x))  # (B, T, C) spatial map 'attn'
-        x = x + a
-        h = x
+        x = h = x + a
         m = self.mlp(self.ln_2(x))  # (B, T, C) spatial map 'mlp'
         x = x + m
-        # the paper's maps are the sublayer outputs, before they join the residual stream;
-        # residual_maps takes the stream after each add instead (the official code's default)
+        # the paper's maps are the sublayer outputs; residual_maps: the stream after each add (the official default)
         return x, ((h, x) if self.residual_maps else (a, m))
 
 class GPT(nn.Module):
@@ -252,7 +245,7 @@ class GPT(nn.Module):
                              f"side x side grid (e.g. 256 = 16 x 16, 784 = 28 x 28)")
         if config.n_embd % config.n_head:
             raise UsageError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
-        n_windows = (side - w + 1) ** 2 if w <= side else 0  # (checked for the control too: it is measured)
+        n_windows = len(window_places(side, config.radius))  # (the control's too: its evaluation measures it)
         if not 1 <= config.n_neighborhoods <= n_windows:
             raise UsageError(f"radius={config.radius} and n_neighborhoods={config.n_neighborhoods} do not fit the "
                              f"{side} x {side} grid: it holds {n_windows} windows of {w} x {w} units")
@@ -282,12 +275,10 @@ class GPT(nn.Module):
         self.ce_loss = self.spatial_loss = None  # the two parts of the last loss, for logging
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self):
         # the position embeddings are not counted, as in nanoGPT; the token embeddings are (tied)
@@ -298,26 +289,24 @@ class GPT(nn.Module):
         return self.unit_pos[self.map_names.index(map_name)].float()
 
     def forward(self, idx, targets=None, return_maps=False, windows=None):
-        """idx, targets (B, T): tokens and the tokens that follow them; windows: the step's (sample_windows), drawn
+        """idx, targets (B, T): tokens and their next tokens; windows: the step's (sample_neighborhoods), drawn
         here if not given -> logits (B, T, vocab), loss (None without targets) [, {'h.<l>.attn|mlp': (B, T, C)}]"""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device)))
         maps = []
         for block in self.transformer.h:
             x, (attn_map, mlp_map) = block(x)
             maps += [attn_map, mlp_map]
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
-        loss = None
+        logits, loss = self.lm_head(self.transformer.ln_f(x)), None  # (B, T, vocab_size)
         if targets is not None:
             self.ce_loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             loss = self.ce_loss
             # loss = CE + alpha * spatial loss; the control (alpha = 0) skips it in training, evaluation measures it
             if self.config.alpha > 0 or not self.training:
                 if windows is None:
-                    windows = sample_windows(len(maps), len(self.window_places), self.config.n_neighborhoods)
+                    windows = sample_neighborhoods(len(maps), len(self.window_places), self.config.n_neighborhoods)
                 self.spatial_loss = self.spatial_loss_of(maps, windows.to(idx.device))
                 loss = loss + self.config.alpha * self.spatial_loss
         return (logits, loss, dict(zip(self.map_names, maps))) if return_maps else (logits, loss)
@@ -373,9 +362,7 @@ class GPT(nn.Module):
     def from_official(cls, path, positions_dir=None, device='cpu'):
         """A model of the official TopoLM code (the published ones), its places from its position pickles."""
         config, state = read_official(path, positions_dir)
-        model = cls(GPTConfig(**config))
-        model.load_state_dict(state)
-        return model.to(device).eval()
+        return cls.from_checkpoint(dict(model_type=MODEL_TYPE, model_args=config, model=state), device)
 
 # -----------------------------------------------------------------------------
 # Data: nanoGPT's loader, random chunks of the uint16 token files that prepare_data.py writes
@@ -468,16 +455,14 @@ def main(argv):
     accum, B = share_step(cfg['gradient_accumulation_steps'], cfg['batch_size'], world)
     master = rank == 0
     torch.manual_seed(cfg['seed'] + rank)  # each process draws its own batches and windows
-    model = GPT(GPTConfig(**{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}))
+    model = GPT(GPTConfig(**{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg})).to(dev)
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
+                                           dev.split(':')[0])
     iter_num, best_val_loss, first_val_loss = 0, float('inf'), None
     if ckpt:
         model.load_state_dict(ckpt['model'])
-        iter_num, best_val_loss, first_val_loss = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['first_val_loss']
-    model.to(dev)
-    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
-                                           dev.split(':')[0])
-    if ckpt:
         optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num, best_val_loss, first_val_loss = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['first_val_loss']
         set_rng_state(ckpt['rng'], dev, cfg['seed'] + rank + 1000 * iter_num if ddp else None)
         ckpt = None  # free the memory
     data = {split: open_split(cfg, split) for split in ('train', 'val')}
@@ -485,26 +470,22 @@ def main(argv):
 
     def batch(split, generator=None, windows=True):  # the tokens, then the windows of the spatial loss
         x, y = get_batch(data[split], B, cfg['block_size'], generator)
-        x, y, w = to_device(dev, x, y, sample_windows(M, W, K) if windows else None)
+        x, y, w = to_device(dev, x, y, sample_neighborhoods(M, W, K) if windows else None)
         return x, y, dict(windows=w)
     writable_dir(cfg['out_dir'])  # in every process: a usage error that all of them stop on
     tokens_per_iter = accum * world * B * cfg['block_size']
+    side, hs = math.isqrt(cfg['n_embd']), cfg['n_embd'] // cfg['n_head']
     if master:
-        side = math.isqrt(cfg['n_embd'])
         print(f"TopoLM: {model.get_num_params() / 1e6:.2f}M parameters, {cfg['n_layer']} layers, {M} maps of {side}x"
-              f"{side} units, alpha={cfg['alpha']}, radius={cfg['radius']}, {K} neighbourhoods/map")
-        print(f"device {dev}, {dtype}, {world} process(es) of {accum} x {B} sequences, {tokens_per_iter:,} tokens per "
-              f"iteration")
-        if dev.startswith('cuda') and dtype == 'float32' and cfg['n_embd'] // cfg['n_head'] % 4:
-            print(f"note: float32 attention with heads of {cfg['n_embd'] // cfg['n_head']} units has no fast kernel on "
-                  f"CUDA: it keeps {B * cfg['n_head'] * cfg['n_layer'] * cfg['block_size'] ** 2 * 4 / 1e9:.0f} GB of "
-                  f"scores a micro-batch (bfloat16 runs flash attention)")
+              f"{side} units, alpha={cfg['alpha']}, radius={cfg['radius']}, {K} neighbourhoods/map\ndevice {dev}, "
+              f"{dtype}, {world} process(es) of {accum} x {B} sequences, {tokens_per_iter:,} tokens per iteration")
+    if master and 'cuda' in dev and dtype == 'float32' and hs % 4:  # (neither flash nor memory-efficient attention)
+        print(f"note: in float32, CUDA attention on heads of {hs} units stores every score: "
+              f"{B * cfg['n_head'] * cfg['n_layer'] * cfg['block_size'] ** 2 * 4 / 1e9:.0f} GB a micro-batch")
     raw_model = model
     if ddp:  # DDP, then compile, as PyTorch documents: the all-reduce then overlaps the compiled backward
         model = DDP(model, device_ids=[dev] if dev.startswith('cuda') else None, broadcast_buffers=False)
-    if cfg['compile']:
-        if master:
-            print("compiling the model... (under a minute on a CPU, during the first steps)")
+    if cfg['compile']:  # (the first steps compile: under a minute on a CPU)
         warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\._inductor')  # its internals
         model = torch.compile(model)
     start_iter, saved = iter_num, (iter_num if cfg['resume'] else None)  # saved: the step ckpt.pt holds
@@ -516,7 +497,7 @@ def main(argv):
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            if master and (iter_num % cfg['eval_interval'] == 0 or iter_num in snapshots or iter_num == cfg['max_iters']):
+            if master and (iter_num % cfg['eval_interval'] == 0 or iter_num in snapshots | {cfg['max_iters']}):
                 (tce, _), (vce, vsl) = estimate_loss(raw_model, batch, cfg['eval_iters'], cfg['seed'], ctx).values()
                 print(f"step {iter_num}: train ce {tce:.4f}, val ce {vce:.4f}, val spatial loss {vsl:.4f} "
                       f"(x alpha {cfg['alpha']} = {cfg['alpha'] * vsl:.4f})")
@@ -530,9 +511,10 @@ def main(argv):
                     save_checkpoint(ckpt_path, checkpoint_of(raw_model, iter_num, cfg, optimizer, dev, best_val_loss,
                                                              first_val_loss), last_checkpoint(ckpt_path, saved))
                     saved = iter_num
-                if iter_num in snapshots and (iter_num > start_iter or not cfg['resume']):
-                    save_checkpoint(os.path.join(cfg['out_dir'], 'snapshots', f'step_{iter_num:06d}.pt'), checkpoint_of(
-                        raw_model, iter_num, cfg, losses=dict(train=tce, val=vce, val_spatial=vsl)), last_checkpoint(ckpt_path, saved))
+                if iter_num in snapshots and (iter_num > start_iter or not cfg['resume']):  # (for analyze.py)
+                    snapshot = checkpoint_of(raw_model, iter_num, cfg, losses=dict(train=tce, val=vce, val_spatial=vsl))
+                    save_checkpoint(f"{cfg['out_dir']}/snapshots/step_{iter_num:06d}.pt", snapshot,
+                                    last_checkpoint(ckpt_path, saved))
                 t0, it0 = time.time(), iter_num
             if iter_num >= cfg['max_iters']:
                 break
@@ -558,7 +540,7 @@ def main(argv):
 
 # =============================================================================
 # Plumbing that is not the model: command line, devices, precision, checkpoint files, command(), the official
-# checkpoint's reader. The same in topo_gpt.py and topoformer.py (a test keeps the copies identical).
+# checkpoint's reader. The same in topo_gpt.py and topoformer.py: a test keeps the copies identical.
 
 class UsageError(ValueError):
     """Bad input: one line, no traceback (command()). The models raise it for a shape they cannot take."""
@@ -566,8 +548,10 @@ class UsageError(ValueError):
 def parse_config(argv, defaults, presets, doc, source):
     """The defaults, then --preset=NAME, then each --key=value (a bare --flag: True), read by argparse; --help shows
     each key's comment in source, and a value must pass its check (x >= 1, 0 <= x < 1, a|b) -> (config, keys set)"""
-    notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", open(source, encoding='utf-8').read().split('\nDEFAULTS')[0], re.M))
-    checks = {k: (re.match(r"((?:\S+ <=? )?x [<>]=? \S+|[\w-]*(?:\|[\w-]*)+): ", notes[k]) or [''] * 2)[1] for k in defaults}
+    with open(source, encoding='utf-8') as f:
+        notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", f.read().split('\nDEFAULTS')[0], re.M))
+    checks = {k: (re.match(r"((?:\S+ <=? )?x [<>]=? \S+|[\w-]*(?:\|[\w-]*)+): ", notes[k]) or [''] * 2)[1]
+              for k in defaults}
     parser = argparse.ArgumentParser(os.path.basename(source), '%(prog)s [--key=value ...]', doc, '\n'.join(
         f"--preset={name}: {p}" for name, p in presets.items()), formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False, argument_default=argparse.SUPPRESS)
@@ -576,25 +560,17 @@ def parse_config(argv, defaults, presets, doc, source):
         raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
     parser.error = error
     for key, default in defaults.items():
+        choices = ['', *presets] if key == 'preset' else checks[key].split('|') if '|' in checks[key] else None
         flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
-        parser.add_argument(f'--{key}', type=boolean if flag else {int: integer}.get(type(default), type(default)),
-                            choices=checks[key].split('|') if '|' in checks[key] else None, metavar='',
+        parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices, metavar='',
                             help=f"{notes[key]} ({default!r})", **flag)
     given = vars(parser.parse_args(argv))
-    if given.get('preset', '') not in ('', *presets):
-        raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
     given = {**presets.get(given.get('preset'), {}), **given}  # explicit keys win over the preset
     for key, value in given.items():
         check = checks[key] if 'x' in checks[key] else 'True'
         if type(value) in (int, float) and not (math.isfinite(value) and eval(check, {'x': value})):
             raise UsageError(f"--{key}={value}: must be finite{f' and {check}' * (check != 'True')}")
     return {**defaults, **given}, given
-
-def integer(text):
-    """An int on the command line: 1e3 is one, 1.5 is not."""
-    if not float(text).is_integer():
-        raise ValueError(text)
-    return int(float(text))
 
 def boolean(text):
     """A boolean on the command line: True, False, 1 or 0."""
@@ -605,19 +581,20 @@ def boolean(text):
 def start_processes(device):
     """One process, or one per device under torchrun (DDP), on --device: under torchrun its local rank's GPU, made
     the current device so that synchronize, memory figures and bf16 support ask it -> (ddp, rank, world, device)"""
-    rank, world, local, n_local = [int(os.environ.get(k, 0)) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')]
+    rank, world, local, n_local = [int(os.environ.get(k, 0))
+                                   for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')]
     n_gpus, mps = torch.cuda.device_count() if torch.cuda.is_available() else 0, torch.backends.mps.is_available()
     dev = device if device != 'auto' else 'cuda' if n_gpus else 'mps' if mps else 'cpu'
     if dev.startswith('cuda:') and n_local > 1:
         raise UsageError(f"--device={dev} puts all {n_local} processes on one GPU; under torchrun use --device=cuda")
     dev = f'cuda:{local}' if dev == 'cuda' else dev
     if not (dev == 'cpu' or dev == 'mps' and mps or re.fullmatch(r'cuda:\d+', dev) and int(dev[5:]) < n_gpus):
-        raise UsageError(f"--device={device}: not a device of this machine (it has cpu{f', {n_gpus} GPUs' * bool(n_gpus)}"
+        raise UsageError(f"--device={device}: not a device (this machine has cpu{f', {n_gpus} GPUs' * bool(n_gpus)}"
                          f"{', mps' * mps}){f'; start at most --nproc_per_node={n_gpus}' * bool(n_local)}")
-    if dev.startswith('cuda'):
+    if 'cuda' in dev:
         torch.cuda.set_device(dev)
     if 'RANK' in os.environ:
-        init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+        init_process_group(backend='nccl' if 'cuda' in dev else 'gloo')
     if dev == 'cpu':
         keep_freed_memory()
     return 'RANK' in os.environ, rank, max(world, 1), dev
@@ -626,8 +603,8 @@ def precision(name, dev):
     """--dtype (auto: bfloat16 where the GPU or CPU has it natively, else float16 and a gradient scaler on CUDA, float32
     elsewhere) -> (dtype, autocast context, gradient scaler). TF32 only in float32: the spatial loss stays exact."""
     kind = dev.split(':')[0]
-    native = (torch.cuda.is_bf16_supported(including_emulation=False) if kind == 'cuda' else kind == 'cpu' and
-              any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')))
+    native = (torch.cuda.is_bf16_supported(including_emulation=False) if kind == 'cuda' else kind == 'cpu' and any(
+        getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')))
     dtype = name if name != 'auto' else 'bfloat16' if native else 'float16' if kind == 'cuda' else 'float32'
     if dtype == 'float16' and kind == 'cpu' or dtype == 'bfloat16' and kind == 'cuda' and not native:
         raise UsageError(f"--dtype={dtype}: this {'GPU has no native bf16' if kind == 'cuda' else 'needs a GPU'}; use "
@@ -645,7 +622,8 @@ def share_step(accum, batch_size, world):
 
 def to_device(dev, *tensors):
     """CPU tensors (or None) on dev; on CUDA pinned and not waiting, so that the copy overlaps the GPU's work."""
-    return [t if t is None else t.pin_memory().to(dev, non_blocking=True) if 'cuda' in dev else t.to(dev) for t in tensors]
+    return [t if t is None else t.pin_memory().to(dev, non_blocking=True) if 'cuda' in dev else t.to(dev)
+            for t in tensors]
 
 def keep_freed_memory():
     """glibc gives big freed blocks (the logits, their gradient) back to the OS, and writing fresh pages is slow on
@@ -666,8 +644,9 @@ def check_schedule(cfg):
                          f"decays from learning_rate down to min_lr")
     if spec != 'log' and (not re.fullmatch(r'(\d+(,\d+)*)?', spec) or any(int(s) > last for s in spec.split(',') if s)):
         raise UsageError(f"--snapshot_iters={spec}: expected log, or steps from 0 to max_iters={last} such as 0,50,100")
-    return {0, last, *(25 * 2 ** k for k in range(last.bit_length()) if 25 * 2 ** k < last)} if spec == 'log' else \
-        {int(s) for s in spec.split(',') if s}
+    if spec == 'log':
+        return {0, last, *(25 * 2 ** k for k in range(last.bit_length()) if 25 * 2 ** k < last)}
+    return {int(s) for s in spec.split(',') if s}
 
 @contextmanager
 def signals_deferred():
@@ -706,8 +685,8 @@ def checkpoint_of(model, iter_num, cfg, optimizer=None, dev=None, best_val_loss=
     ckpt = dict(model_type=MODEL_TYPE, model_args=asdict(model.config), model=model.state_dict(), iter_num=iter_num,
                 config=cfg, **more)
     if optimizer is not None:
-        ckpt.update(optimizer=optimizer.state_dict(), best_val_loss=best_val_loss, first_val_loss=first_val_loss,
-                    rng={'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(dev) if 'cuda' in dev else None})
+        ckpt.update(optimizer=optimizer.state_dict(), best_val_loss=best_val_loss, first_val_loss=first_val_loss, rng={
+            'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(dev) if 'cuda' in dev else None})
     return ckpt
 
 def last_checkpoint(path, step):
@@ -723,18 +702,17 @@ def load_checkpoint(path, resume=False):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise UsageError(f"{path} cannot be read: it is damaged, cut short or no torch file ({type(e).__name__})") from None
+        raise UsageError(f"{path} cannot be read: damaged, cut short or no torch file ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get('model_type') != MODEL_TYPE:
         raise UsageError(f"{path} is not a {MODEL_TYPE} checkpoint written by {os.path.basename(__file__)}")
-    need = ['model_args', 'model'] + resume * ['optimizer', 'iter_num', 'best_val_loss', 'first_val_loss', 'config', 'rng']
-    if any(k not in ckpt for k in need):
-        raise UsageError(f"{path} is incomplete{' for --resume (a snapshot?)' * resume}: it has no "
-                         f"{', '.join(k for k in need if k not in ckpt)}")
+    missing = [k for k in ['model_args', 'model'] + resume * ['optimizer', 'iter_num', 'best_val_loss',
+                                                            'first_val_loss', 'config', 'rng'] if k not in ckpt]
+    if missing:
+        raise UsageError(f"{path} is incomplete{' for --resume (a snapshot?)' * resume}: it lacks {', '.join(missing)}")
     return ckpt
 
 def set_rng_state(rng, dev, ddp_seed=None):
-    """A checkpoint's RNG states, its GPU's on this GPU; under DDP (only the first process's were saved) a stream of
-    each process's own from ddp_seed."""
+    """A checkpoint's RNG states, its GPU's on this GPU; under DDP (only rank 0's were saved) a per-process ddp_seed."""
     if ddp_seed is not None:
         return torch.manual_seed(ddp_seed)
     torch.set_rng_state(rng['torch'])
@@ -746,12 +724,11 @@ def resume_config(ckpt, given, path):
     stay the checkpoint's. Says from which step, what it ignores and what a changed schedule does to the lr."""
     old = {**DEFAULTS, **ckpt['config']}
     cfg = {**old, **given, **{k: v for k, v in ckpt['model_args'].items() if k in old}}
-    ignored = [k for k, v in ckpt['model_args'].items() if k in given and given[k] != v]
-    changed = [k for k in ('learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'max_iters') if cfg[k] != old[k]]
+    ignored = ', '.join(f'--{k}' for k, v in ckpt['model_args'].items() if k in given and given[k] != v)
+    changed = [k for k in 'learning_rate min_lr warmup_iters lr_decay_iters max_iters'.split() if cfg[k] != old[k]]
     if int(os.environ.get('RANK', 0)) == 0:
         it = ckpt['iter_num']
-        print(f"resuming from step {it} of {path}" + (f"; ignoring {', '.join(f'--{k}' for k in ignored)}: --resume "
-                                                      f"keeps the checkpoint's model" if ignored else ''))
+        print(f"resuming from step {it} of {path}" + f"; ignoring {ignored}: --resume keeps the model" * bool(ignored))
         if changed and it < cfg['max_iters']:
             print(f"note: {', '.join(f'--{k}={cfg[k]:g} (the run had {old[k]:g})' for k in changed)}: the learning "
                   f"rate follows the new schedule, {get_lr(it, cfg):.2e} at step {it} instead of {get_lr(it, old):.2e}")
@@ -835,9 +812,9 @@ def read_official(path, positions_dir=None):
     state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}  # saved from torch.compile
     state.update(unit_pos=torch.stack(coords), grid=grid_of(torch.stack(coords), side))
     return dict(n_layer=args['n_layer'], n_head=args['n_head'], n_embd=args['n_embed'], block_size=args['block_size'],
-                vocab_size=args['vocab_size'], dropout=args['dropout'], bias=args['bias'], alpha=args.get('alpha', 0.25),
-                radius=(math.isqrt(window) + 1) // 2, n_neighborhoods=int(layer['neighborhoods_per_batch']),
-                residual_maps=args.get('with_resid', True)), state
+                vocab_size=args['vocab_size'], dropout=args['dropout'], bias=args['bias'],
+                alpha=args.get('alpha', 0.25), n_neighborhoods=int(layer['neighborhoods_per_batch']),
+                radius=(math.isqrt(window) + 1) // 2, residual_maps=args.get('with_resid', True)), state
 
 if __name__ == '__main__':
     sys.exit(command(main, sys.argv[1:]))

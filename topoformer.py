@@ -20,7 +20,6 @@ neighbouring units respond alike:
 sq = sr = 1 is the non-topographic control: plain queries and a dense output projection. Read top to
 bottom: config, the grid, the model, data, the training loop's own functions, main(); last, the plumbing
 that is not the model (command line, devices, files), the same as topo_gpt.py's.
-    python topoformer.py --sq=1 --sr=1 --out_dir=out-topoformer-control    # the control (README)
 """
 
 import os
@@ -87,7 +86,7 @@ compile = False  # compile the model with torch.compile
 seed = 1337  # x >= 0: seeds the batches and the masks
 preset = ''  # a named set of overrides, applied before the other keys (see PRESETS)
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and isinstance(v, (bool, int, float, str))}
+DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and type(v) in (bool, int, float, str)}
 # --task=sentiment brings its own defaults, under any preset and explicit key: the paper's first experiment, a
 # 1-layer Topoformer on a 20 x 20 grid classifying IMDB reviews (the official config_text.yaml, train_imdb.py),
 # one epoch of the 22.5k training reviews in batches of 32 instead of its 20 of 256, to finish on a laptop
@@ -109,11 +108,10 @@ PRESETS = {
                   warmup_iters=1000, max_iters=20000, min_lr=1e-5, eval_interval=1000, eval_iters=100),
     # the five-minute classroom loop (docs/classroom.md): a model and its control in about a minute each
     'classroom': dict(n_layer=2, n_head=1, n_embd=256, ffn_size=1024, block_size=64, batch_size=16,
-                      max_iters=600, eval_interval=200, eval_iters=10, warmup_iters=30),
+                      max_iters=600, eval_interval=200, eval_iters=10, warmup_iters=30, snapshot_iters='log'),
 }
 MODEL_TYPE = 'topoformer'  # written into every checkpoint: analyze.py tells the models apart by it
-# GPT-2's tokenizer uses 0..50256; the vocabulary is padded to 50304 (a multiple of 64, for speed), and the
-# tokens masked language modelling needs live in the padding
+# GPT-2's tokens are 0..50256, padded to 50304 (a multiple of 64, for speed): the tokens MLM needs live in the padding
 EOT_ID = 50256  # <|endoftext|>, between documents in the .bin files
 MASK_ID = 50257  # [MASK]
 PAD_ID = 50258  # [PAD]: fills IMDB reviews up to the longest of the batch; never attended to
@@ -129,8 +127,7 @@ def grid_coords(side):
     return torch.stack([i // side, i % side], dim=1)
 
 def grid_distances(side, wrap=True):
-    """(D, D) distances between the units at (row, col) / side in the unit square; wrap: on the torus, where an
-    offset d along an axis is also an offset 1 - d the other way round."""
+    """(D, D) distances of units at (row, col) / side in the unit square; wrap: on a torus, min(d, 1 - d) per axis."""
     d = (grid_coords(side)[:, None, :] - grid_coords(side)[None, :, :]).double().abs() / side  # (D, D, 2)
     return (torch.minimum(d, 1 - d) if wrap else d).norm(dim=-1)
 
@@ -159,14 +156,12 @@ class TopoformerConfig:
     n_class: int = 0  # 0: masked LM head; > 0: mean-pool then a linear classifier (sentiment)
 
 class SpatialSelfAttention(nn.Module):
-    """
-    Bidirectional self-attention with spatial querying (SQ) and spatial reweighting (SR):
+    """Bidirectional self-attention with spatial querying (SQ) and spatial reweighting (SR):
         q = x W_q^T,  k = x W_k^T,  v = x W_v^T        (B, T, D) each
         q' = q M                                        SQ: the queries pooled over each unit's disc
         y = softmax(q' k^T / sqrt(D)) v                 one head of size D, as in the paper
         out = y |W_o * M_sr|^T + b_sr                   SR: a locally connected output projection
-        dense(out)                                      what the block adds to the residual stream
-    """
+        dense(out)                                      what the block adds to the residual stream"""
 
     def __init__(self, config):
         super().__init__()
@@ -179,7 +174,8 @@ class SpatialSelfAttention(nn.Module):
         self.n_head, self.sr_nonneg = config.n_head, config.sr_nonneg
         # SQ: the disc matrix, normalised to unit Frobenius norm as in the official code; sq = 1: no pooling at all.
         # (The official control normalises an all-ones M instead: every query becomes the mean query; README.)
-        M = disc_mask(side, config.sq, config.wrap) / disc_mask(side, config.sq, config.wrap).norm() if config.sq < 1 else None
+        M = disc_mask(side, config.sq, config.wrap) if config.sq < 1 else None
+        M = None if M is None else M / M.norm()
         self.register_buffer('sq_matrix', M, persistent=False)  # (D, D), symmetric
         # on the torus M is circulant: multiplying by M is a circular convolution of the grid with the disc around
         # unit 0, by FFT in D log D instead of D^2 (the disc is symmetric: a real spectrum)
@@ -257,7 +253,7 @@ class Topoformer(nn.Module):
         if config.n_embd % config.n_head:
             raise UsageError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         if not (0 < config.sq <= 1 and 0 < config.sr <= 1):
-            raise UsageError(f"sq={config.sq}, sr={config.sr}: each is the fraction of the grid a disc covers, in (0, 1]")
+            raise UsageError(f"sq={config.sq}, sr={config.sr}: each is a disc's fraction of the grid, in (0, 1]")
         if config.ffn_size < 2 or config.ffn_size % 2:
             raise UsageError(f"ffn_size={config.ffn_size} must be even: the GLU gate halves it")
         self.config = config
@@ -287,12 +283,10 @@ class Topoformer(nn.Module):
         self.register_buffer('unit_pos', grid_coords(side), persistent=False)  # (D, 2)
 
     def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self):
         # the position embeddings are not counted, as in nanoGPT; the token embeddings are (tied)
@@ -305,13 +299,10 @@ class Topoformer(nn.Module):
         return self.unit_pos.float()
 
     def forward(self, idx, targets=None, return_maps=False, picked=None):
-        """
-        idx: (B, T) token ids. Masked LM (n_class = 0): targets (B, T) hold the original token at the masked
-        positions and IGNORE_INDEX elsewhere, picked (N,) their flat positions (found here if not given); the
-        logits are then (N, vocab) for those N positions only, as BERT computes them, else (B, T, vocab).
-        Classifier (n_class > 0): targets (B,) labels, logits (B, n_class). return_maps: also {'h.<l>.q|k|v|out':
-        (B, T, D)}.
-        """
+        """idx: (B, T) token ids. Masked LM (n_class = 0): targets (B, T) hold the original token at the masked
+        positions and IGNORE_INDEX elsewhere, picked (N,) their flat positions (found here if not given); the logits
+        are then (N, vocab) for those N positions only, as BERT computes them, else (B, T, vocab). Classifier
+        (n_class > 0): targets (B,) labels, logits (B, n_class). return_maps: also {'h.<l>.q|k|v|out': (B, T, D)}."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
@@ -378,12 +369,10 @@ class Topoformer(nn.Module):
 # BERT does. Sentiment: the IMDB reviews, tokenized into memory once.
 
 def mask_tokens(x, generator=None):
-    """
-    BERT's masking of a (B, T) batch: each token but the special ones (end-of-text, [PAD]) is picked with
+    """BERT's masking of a (B, T) batch: each token but the special ones (end-of-text, [PAD]) is picked with
     probability 0.15; a picked token becomes [MASK] 80% of the time, a random token 10%, and stays itself 10%.
-    Returns the model's input and the targets: the original token where picked, IGNORE_INDEX elsewhere. All
-    draws have fixed shapes, so a batch always consumes the same amount of the generator.
-    """
+    Returns the model's input and the targets: the original token where picked, IGNORE_INDEX elsewhere. All draws
+    have fixed shapes, so a batch always consumes the same amount of the generator."""
     u = torch.rand(x.shape, generator=generator)
     u = u.masked_fill((x == EOT_ID) | (x == PAD_ID), 2.0)  # never picked, as in the official masking
     picked = u < MASK_PROB
@@ -414,8 +403,7 @@ def open_split(cfg, split):
     return np.memmap(path, dtype=np.uint16, mode='r')
 
 def get_batch(data, batch_size, block_size, generator=None):
-    # x: (B, T) masked random chunks of the token file, y: (B, T) the MLM targets, picked: (N,) where y is one,
-    # found here on the CPU
+    # x: (B, T) masked random chunks of the token file, y: (B, T) the MLM targets, picked: (N,) where y is one
     ix = torch.randint(len(data) - block_size + 1, (batch_size,), generator=generator)
     x, y = mask_tokens(torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix]), generator)
     return x, y, (y.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)
@@ -495,7 +483,8 @@ def estimate_loss(model, batch, eval_iters, seed, ctx):
                 x, y, kw = batch(split, g)
                 with ctx:
                     logits, loss = model(x, y, **kw)
-                losses[k], accs[k] = loss.item(), (logits.argmax(-1) == y).float().mean().item() if model.config.n_class else 0
+                losses[k] = loss.item()
+                accs[k] = (logits.argmax(-1) == y).float().mean().item() if model.config.n_class else 0
             out[split] = (losses.mean().item(), accs.mean().item())
     model.train()
     return out
@@ -524,23 +513,20 @@ def main(argv):
     ddp, rank, world, dev = start_processes(cfg['device'])
     dtype, ctx, scaler = precision(cfg['dtype'], dev)
     accum, B = share_step(cfg['gradient_accumulation_steps'], cfg['batch_size'], world)
-    master, sentiment, T = rank == 0, cfg['task'] == 'sentiment', cfg['block_size']
+    master, sentiment, T, side = rank == 0, cfg['task'] == 'sentiment', cfg['block_size'], math.isqrt(cfg['n_embd'])
     torch.manual_seed(cfg['seed'] + rank)  # each process draws its own batches and masks
     model_args = ckpt['model_args'] if ckpt else {**{f.name: cfg[f.name] for f in fields(TopoformerConfig)
                                                      if f.name in cfg}, 'n_class': 2 if sentiment else 0}
     if sentiment != bool(model_args['n_class']):
-        raise UsageError(f"--task={cfg['task']} does not fit the checkpoint's model (a "
-                         f"{'classifier' if model_args['n_class'] else 'masked LM'})")
-    model = Topoformer(TopoformerConfig(**model_args))
+        raise UsageError(f"--task={cfg['task']} does not fit the saved {'masked LM' if sentiment else 'classifier'}")
+    model = Topoformer(TopoformerConfig(**model_args)).to(dev)
+    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
+                                           dev.split(':')[0], cfg['adam_eps'])
     iter_num, best_val_loss, first_val_loss = 0, float('inf'), None
     if ckpt:
         model.load_state_dict(ckpt['model'])
-        iter_num, best_val_loss, first_val_loss = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['first_val_loss']
-    model.to(dev)
-    optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
-                                           dev.split(':')[0], cfg['adam_eps'])
-    if ckpt:
         optimizer.load_state_dict(ckpt['optimizer'])
+        iter_num, best_val_loss, first_val_loss = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['first_val_loss']
         set_rng_state(ckpt['rng'], dev, cfg['seed'] + rank + 1000 * iter_num if ddp else None)
         ckpt = None  # free the memory
     if sentiment:  # the reviews, every 10th training review held out for validation
@@ -557,19 +543,17 @@ def main(argv):
             x, y, picked = to_device(dev, *get_batch(data[split], B, T, generator))
             return x, y, dict(picked=picked)
     writable_dir(cfg['out_dir'])  # in every process: a usage error that all of them stop on
-    per_iter, unit, what = accum * world * B * (1 if sentiment else T), 'reviews' if sentiment else 'tok', 'loss'
+    per_iter, unit = accum * world * B * (1 if sentiment else T), 'reviews' if sentiment else 'tok'
     if master:
-        kind = 'the non-topographic control' if model.config.sq == model.config.sr == 1 else 'Topoformer'
-        print(f"{kind}: {model.get_num_params() / 1e6:.2f}M parameters, {model.config.n_layer} layers, "
-              f"{math.isqrt(model.config.n_embd)}x{math.isqrt(model.config.n_embd)} grid ({'torus' if model.config.wrap else 'flat'}), sq={model.config.sq}, "
-              f"sr={model.config.sr}, task {cfg['task']}")
-        print(f"device {dev}, {dtype}, {world} process(es) of {accum} x {B} sequences, {per_iter:,} {unit} per iteration")
+        kind = 'the non-topographic control' if cfg['sq'] == cfg['sr'] == 1 else 'Topoformer'
+        print(f"{kind}: {model.get_num_params() / 1e6:.2f}M parameters, {cfg['n_layer']} layers, {side}x{side} grid "
+              f"({'torus' if cfg['wrap'] else 'flat'}), sq={cfg['sq']}, sr={cfg['sr']}, task {cfg['task']}\ndevice "
+              f"{dev}, {dtype}, {world} process(es) of {accum} x {B} sequences, {per_iter:,} {unit} per iteration"
+              + "\ncompiling the model... (under a minute on a CPU, during the first steps)" * cfg['compile'])
     raw_model = model
     if ddp:  # DDP, then compile, as PyTorch documents: the all-reduce then overlaps the compiled backward
         model = DDP(model, device_ids=[dev] if dev.startswith('cuda') else None, broadcast_buffers=False)
     if cfg['compile']:
-        if master:
-            print("compiling the model... (under a minute on a CPU, during the first steps)")
         warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\._inductor')  # its internals
         model = torch.compile(model)
     start_iter, saved = iter_num, (iter_num if cfg['resume'] else None)  # saved: the step ckpt.pt holds
@@ -581,7 +565,7 @@ def main(argv):
             lr = get_lr(iter_num, cfg)
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            if master and (iter_num % cfg['eval_interval'] == 0 or iter_num in snapshots or iter_num == cfg['max_iters']):
+            if master and (iter_num % cfg['eval_interval'] == 0 or iter_num in snapshots | {cfg['max_iters']}):
                 (tl, ta), (vl, va) = estimate_loss(raw_model, batch, cfg['eval_iters'], cfg['seed'], ctx).values()
                 print(f"step {iter_num}: train {what} {tl:.4f}, val {what} {vl:.4f}"
                       + (f", train acc {ta:.3f}, val acc {va:.3f}" if sentiment else ''))
@@ -607,8 +591,7 @@ def main(argv):
                 loss, dt = loss.item(), (time.time() - t0) / (iter_num - it0)
                 if not math.isfinite(loss):  # (a non-finite step has reached the weights, unless fp16 skipped it)
                     raise UsageError(f"loss {loss}, gradient norm {norm.item():.4g} at iter {iter_num}: training "
-                                     f"diverged and stopped; {last_checkpoint(ckpt_path, saved)}. Try a lower "
-                                     f"learning_rate.")
+                                     f"diverged and stopped; {last_checkpoint(ckpt_path, saved)}. Lower learning_rate.")
                 print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                       f"{per_iter / dt:,.0f} {unit}/s", flush=True)
                 t0, it0 = time.time(), iter_num
@@ -631,8 +614,10 @@ class UsageError(ValueError):
 def parse_config(argv, defaults, presets, doc, source):
     """The defaults, then --preset=NAME, then each --key=value (a bare --flag: True), read by argparse; --help shows
     each key's comment in source, and a value must pass its check (x >= 1, 0 <= x < 1, a|b) -> (config, keys set)"""
-    notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", open(source, encoding='utf-8').read().split('\nDEFAULTS')[0], re.M))
-    checks = {k: (re.match(r"((?:\S+ <=? )?x [<>]=? \S+|[\w-]*(?:\|[\w-]*)+): ", notes[k]) or [''] * 2)[1] for k in defaults}
+    with open(source, encoding='utf-8') as f:
+        notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", f.read().split('\nDEFAULTS')[0], re.M))
+    checks = {k: (re.match(r"((?:\S+ <=? )?x [<>]=? \S+|[\w-]*(?:\|[\w-]*)+): ", notes[k]) or [''] * 2)[1]
+              for k in defaults}
     parser = argparse.ArgumentParser(os.path.basename(source), '%(prog)s [--key=value ...]', doc, '\n'.join(
         f"--preset={name}: {p}" for name, p in presets.items()), formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False, argument_default=argparse.SUPPRESS)
@@ -641,25 +626,17 @@ def parse_config(argv, defaults, presets, doc, source):
         raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
     parser.error = error
     for key, default in defaults.items():
+        choices = ['', *presets] if key == 'preset' else checks[key].split('|') if '|' in checks[key] else None
         flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
-        parser.add_argument(f'--{key}', type=boolean if flag else {int: integer}.get(type(default), type(default)),
-                            choices=checks[key].split('|') if '|' in checks[key] else None, metavar='',
+        parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices, metavar='',
                             help=f"{notes[key]} ({default!r})", **flag)
     given = vars(parser.parse_args(argv))
-    if given.get('preset', '') not in ('', *presets):
-        raise UsageError(f"unknown preset {given['preset']!r}; presets: {', '.join(presets)}")
     given = {**presets.get(given.get('preset'), {}), **given}  # explicit keys win over the preset
     for key, value in given.items():
         check = checks[key] if 'x' in checks[key] else 'True'
         if type(value) in (int, float) and not (math.isfinite(value) and eval(check, {'x': value})):
             raise UsageError(f"--{key}={value}: must be finite{f' and {check}' * (check != 'True')}")
     return {**defaults, **given}, given
-
-def integer(text):
-    """An int on the command line: 1e3 is one, 1.5 is not."""
-    if not float(text).is_integer():
-        raise ValueError(text)
-    return int(float(text))
 
 def boolean(text):
     """A boolean on the command line: True, False, 1 or 0."""
@@ -670,19 +647,20 @@ def boolean(text):
 def start_processes(device):
     """One process, or one per device under torchrun (DDP), on --device: under torchrun its local rank's GPU, made
     the current device so that synchronize, memory figures and bf16 support ask it -> (ddp, rank, world, device)"""
-    rank, world, local, n_local = [int(os.environ.get(k, 0)) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')]
+    rank, world, local, n_local = [int(os.environ.get(k, 0))
+                                   for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')]
     n_gpus, mps = torch.cuda.device_count() if torch.cuda.is_available() else 0, torch.backends.mps.is_available()
     dev = device if device != 'auto' else 'cuda' if n_gpus else 'mps' if mps else 'cpu'
     if dev.startswith('cuda:') and n_local > 1:
         raise UsageError(f"--device={dev} puts all {n_local} processes on one GPU; under torchrun use --device=cuda")
     dev = f'cuda:{local}' if dev == 'cuda' else dev
     if not (dev == 'cpu' or dev == 'mps' and mps or re.fullmatch(r'cuda:\d+', dev) and int(dev[5:]) < n_gpus):
-        raise UsageError(f"--device={device}: not a device of this machine (it has cpu{f', {n_gpus} GPUs' * bool(n_gpus)}"
+        raise UsageError(f"--device={device}: not a device (this machine has cpu{f', {n_gpus} GPUs' * bool(n_gpus)}"
                          f"{', mps' * mps}){f'; start at most --nproc_per_node={n_gpus}' * bool(n_local)}")
-    if dev.startswith('cuda'):
+    if 'cuda' in dev:
         torch.cuda.set_device(dev)
     if 'RANK' in os.environ:
-        init_process_group(backend='nccl' if dev.startswith('cuda') else 'gloo')
+        init_process_group(backend='nccl' if 'cuda' in dev else 'gloo')
     if dev == 'cpu':
         keep_freed_memory()
     return 'RANK' in os.environ, rank, max(world, 1), dev
@@ -691,8 +669,8 @@ def precision(name, dev):
     """--dtype (auto: bfloat16 where the GPU or CPU has it natively, else float16 and a gradient scaler on CUDA, float32
     elsewhere) -> (dtype, autocast context, gradient scaler). TF32 only in float32: the spatial loss stays exact."""
     kind = dev.split(':')[0]
-    native = (torch.cuda.is_bf16_supported(including_emulation=False) if kind == 'cuda' else kind == 'cpu' and
-              any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')))
+    native = (torch.cuda.is_bf16_supported(including_emulation=False) if kind == 'cuda' else kind == 'cpu' and any(
+        getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')))
     dtype = name if name != 'auto' else 'bfloat16' if native else 'float16' if kind == 'cuda' else 'float32'
     if dtype == 'float16' and kind == 'cpu' or dtype == 'bfloat16' and kind == 'cuda' and not native:
         raise UsageError(f"--dtype={dtype}: this {'GPU has no native bf16' if kind == 'cuda' else 'needs a GPU'}; use "
@@ -710,7 +688,8 @@ def share_step(accum, batch_size, world):
 
 def to_device(dev, *tensors):
     """CPU tensors (or None) on dev; on CUDA pinned and not waiting, so that the copy overlaps the GPU's work."""
-    return [t if t is None else t.pin_memory().to(dev, non_blocking=True) if 'cuda' in dev else t.to(dev) for t in tensors]
+    return [t if t is None else t.pin_memory().to(dev, non_blocking=True) if 'cuda' in dev else t.to(dev)
+            for t in tensors]
 
 def keep_freed_memory():
     """glibc gives big freed blocks (the logits, their gradient) back to the OS, and writing fresh pages is slow on
@@ -731,8 +710,9 @@ def check_schedule(cfg):
                          f"decays from learning_rate down to min_lr")
     if spec != 'log' and (not re.fullmatch(r'(\d+(,\d+)*)?', spec) or any(int(s) > last for s in spec.split(',') if s)):
         raise UsageError(f"--snapshot_iters={spec}: expected log, or steps from 0 to max_iters={last} such as 0,50,100")
-    return {0, last, *(25 * 2 ** k for k in range(last.bit_length()) if 25 * 2 ** k < last)} if spec == 'log' else \
-        {int(s) for s in spec.split(',') if s}
+    if spec == 'log':
+        return {0, last, *(25 * 2 ** k for k in range(last.bit_length()) if 25 * 2 ** k < last)}
+    return {int(s) for s in spec.split(',') if s}
 
 @contextmanager
 def signals_deferred():
@@ -771,8 +751,8 @@ def checkpoint_of(model, iter_num, cfg, optimizer=None, dev=None, best_val_loss=
     ckpt = dict(model_type=MODEL_TYPE, model_args=asdict(model.config), model=model.state_dict(), iter_num=iter_num,
                 config=cfg, **more)
     if optimizer is not None:
-        ckpt.update(optimizer=optimizer.state_dict(), best_val_loss=best_val_loss, first_val_loss=first_val_loss,
-                    rng={'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(dev) if 'cuda' in dev else None})
+        ckpt.update(optimizer=optimizer.state_dict(), best_val_loss=best_val_loss, first_val_loss=first_val_loss, rng={
+            'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(dev) if 'cuda' in dev else None})
     return ckpt
 
 def last_checkpoint(path, step):
@@ -788,18 +768,17 @@ def load_checkpoint(path, resume=False):
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise UsageError(f"{path} cannot be read: it is damaged, cut short or no torch file ({type(e).__name__})") from None
+        raise UsageError(f"{path} cannot be read: damaged, cut short or no torch file ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get('model_type') != MODEL_TYPE:
         raise UsageError(f"{path} is not a {MODEL_TYPE} checkpoint written by {os.path.basename(__file__)}")
-    need = ['model_args', 'model'] + resume * ['optimizer', 'iter_num', 'best_val_loss', 'first_val_loss', 'config', 'rng']
-    if any(k not in ckpt for k in need):
-        raise UsageError(f"{path} is incomplete{' for --resume (a snapshot?)' * resume}: it has no "
-                         f"{', '.join(k for k in need if k not in ckpt)}")
+    missing = [k for k in ['model_args', 'model'] + resume * ['optimizer', 'iter_num', 'best_val_loss',
+                                                            'first_val_loss', 'config', 'rng'] if k not in ckpt]
+    if missing:
+        raise UsageError(f"{path} is incomplete{' for --resume (a snapshot?)' * resume}: it lacks {', '.join(missing)}")
     return ckpt
 
 def set_rng_state(rng, dev, ddp_seed=None):
-    """A checkpoint's RNG states, its GPU's on this GPU; under DDP (only the first process's were saved) a stream of
-    each process's own from ddp_seed."""
+    """A checkpoint's RNG states, its GPU's on this GPU; under DDP (only rank 0's were saved) a per-process ddp_seed."""
     if ddp_seed is not None:
         return torch.manual_seed(ddp_seed)
     torch.set_rng_state(rng['torch'])
@@ -811,12 +790,11 @@ def resume_config(ckpt, given, path):
     stay the checkpoint's. Says from which step, what it ignores and what a changed schedule does to the lr."""
     old = {**DEFAULTS, **ckpt['config']}
     cfg = {**old, **given, **{k: v for k, v in ckpt['model_args'].items() if k in old}}
-    ignored = [k for k, v in ckpt['model_args'].items() if k in given and given[k] != v]
-    changed = [k for k in ('learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters', 'max_iters') if cfg[k] != old[k]]
+    ignored = ', '.join(f'--{k}' for k, v in ckpt['model_args'].items() if k in given and given[k] != v)
+    changed = [k for k in 'learning_rate min_lr warmup_iters lr_decay_iters max_iters'.split() if cfg[k] != old[k]]
     if int(os.environ.get('RANK', 0)) == 0:
         it = ckpt['iter_num']
-        print(f"resuming from step {it} of {path}" + (f"; ignoring {', '.join(f'--{k}' for k in ignored)}: --resume "
-                                                      f"keeps the checkpoint's model" if ignored else ''))
+        print(f"resuming from step {it} of {path}" + f"; ignoring {ignored}: --resume keeps the model" * bool(ignored))
         if changed and it < cfg['max_iters']:
             print(f"note: {', '.join(f'--{k}={cfg[k]:g} (the run had {old[k]:g})' for k in changed)}: the learning "
                   f"rate follows the new schedule, {get_lr(it, cfg):.2e} at step {it} instead of {get_lr(it, old):.2e}")
