@@ -87,7 +87,8 @@ def parse_config(argv, defaults, presets, doc, source):
     for key, default in defaults.items():
         choices = ['', *presets] if key == 'preset' else checks[key].split('|') if '|' in checks[key] else None
         flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
-        parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices, metavar='',
+        parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices,
+                            metavar='True|False' if flag else '',
                             help=f"{notes[key]} ({default!r})", **flag)
     given = vars(parser.parse_args(argv))
     given = {**presets.get(given.get('preset'), {}), **given}  # explicit keys win over the preset

@@ -508,9 +508,9 @@ def main(argv):
                                      f"Try a lower learning_rate or alpha.")
                 best_val_loss = min(best_val_loss, vce)
                 if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
+                    left, saved = last_checkpoint(ckpt_path, saved), iter_num  # (a Ctrl-C in the save comes after it)
                     save_checkpoint(ckpt_path, checkpoint_of(raw_model, iter_num, cfg, optimizer, dev, best_val_loss,
-                                                             first_val_loss), last_checkpoint(ckpt_path, saved))
-                    saved = iter_num
+                                                             first_val_loss), left)
                 if iter_num in snapshots and (iter_num > start_iter or not cfg['resume']):  # (for analyze.py)
                     snapshot = checkpoint_of(raw_model, iter_num, cfg, losses=dict(train=tce, val=vce, val_spatial=vsl))
                     save_checkpoint(f"{cfg['out_dir']}/snapshots/step_{iter_num:06d}.pt", snapshot,
@@ -562,7 +562,8 @@ def parse_config(argv, defaults, presets, doc, source):
     for key, default in defaults.items():
         choices = ['', *presets] if key == 'preset' else checks[key].split('|') if '|' in checks[key] else None
         flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
-        parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices, metavar='',
+        parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices,
+                            metavar='True|False' if flag else '',
                             help=f"{notes[key]} ({default!r})", **flag)
     given = vars(parser.parse_args(argv))
     given = {**presets.get(given.get('preset'), {}), **given}  # explicit keys win over the preset

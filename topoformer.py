@@ -538,7 +538,6 @@ def main(argv):
             len(data[split][1]), (B,), generator=g))), {})
     else:
         data = {split: open_split(cfg, split) for split in ('train', 'val')}
-
         def batch(split, generator=None):  # the masked positions come with the batch, from the CPU
             x, y, picked = to_device(dev, *get_batch(data[split], B, T, generator))
             return x, y, dict(picked=picked)
@@ -576,9 +575,9 @@ def main(argv):
                                      f"Try a lower learning_rate.")
                 best_val_loss = min(best_val_loss, vl)
                 if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
+                    left, saved = last_checkpoint(ckpt_path, saved), iter_num  # (a Ctrl-C in the save comes after it)
                     save_checkpoint(ckpt_path, checkpoint_of(raw_model, iter_num, cfg, optimizer, dev, best_val_loss,
-                                                             first_val_loss), last_checkpoint(ckpt_path, saved))
-                    saved = iter_num
+                                                             first_val_loss), left)
                 if iter_num in snapshots and (iter_num > start_iter or not cfg['resume']):
                     save_checkpoint(os.path.join(cfg['out_dir'], 'snapshots', f'step_{iter_num:06d}.pt'), checkpoint_of(
                         raw_model, iter_num, cfg, losses=dict(train=tl, val=vl)), last_checkpoint(ckpt_path, saved))
@@ -628,7 +627,8 @@ def parse_config(argv, defaults, presets, doc, source):
     for key, default in defaults.items():
         choices = ['', *presets] if key == 'preset' else checks[key].split('|') if '|' in checks[key] else None
         flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
-        parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices, metavar='',
+        parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices,
+                            metavar='True|False' if flag else '',
                             help=f"{notes[key]} ({default!r})", **flag)
     given = vars(parser.parse_args(argv))
     given = {**presets.get(given.get('preset'), {}), **given}  # explicit keys win over the preset
