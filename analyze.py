@@ -1,22 +1,19 @@
-"""
-Selectivity maps of a trained topographic language model: where on each map do the units that prefer
-sentences, nouns or good news sit, and are they clustered or merely smooth? TopoLM's read-out (Rathi et
-al. 2025, the official eval/: responses.py, hrf.py, visualize.py, localize.py, moran.py), written here
-with numpy alone, and a null beside every number.
+"""Selectivity maps of a trained topographic language model: where on each map do the units that prefer sentences,
+nouns or good news sit, and are they clustered or merely smooth? TopoLM's read-out (Rathi et al. 2025, the official
+eval/: responses.py, hrf.py, visualize.py, localize.py, moran.py) in numpy alone, with a null beside every number.
 
-Takes a checkpoint of topo_gpt.py (TopoLM), of topoformer.py (Topoformer) or of the official TopoLM code
-(the published models), recognised from the file, runs stimulus suites through it, and for every spatial
-map the model exposes and every contrast of two conditions computes
-  - the t-map: Welch's t per unit between the two conditions' responses (a unit's response to a stimulus
-    = its activation averaged over the stimulus's tokens);
-  - how smooth the t-map is, Moran's I, unsmoothed and smoothed: the smoothed read-out first blurs every
-    stimulus's response map with a Gaussian of FWHM 2 grid units, as the paper reads the model out;
-  - the units selective for the first condition (Benjamini-Hochberg q < fdr over all units of all maps,
-    and t > 0) and the patches that selective units form;
-and the same numbers with the labels redrawn (the null that tells functional clusters from mere
-smoothness: a smooth model makes any t-map smooth), and for the selective units at scattered places (the
-null for patches: many selective units touch by chance). A folder of snapshots (topo_gpt.py or
-topoformer.py with --snapshot_iters) is analysed at every step: the map as it forms.
+Takes a checkpoint of topo_gpt.py (TopoLM), of topoformer.py (Topoformer) or of the official TopoLM code (the
+published models), recognised from the file, runs stimulus suites through it, and for every spatial map the model
+exposes and every contrast of two conditions computes
+  - the t-map: Welch's t per unit between the two conditions' responses (a unit's response to a stimulus = its
+    activation averaged over the stimulus's tokens);
+  - how smooth the t-map is, Moran's I, unsmoothed and smoothed: the smoothed read-out first blurs every stimulus's
+    response map with a Gaussian of FWHM 2 grid units, as the paper reads the model out;
+  - the units selective for the first condition (Benjamini-Hochberg q < fdr over all units of all maps, and t > 0)
+    and the patches they form;
+and the same with the labels redrawn (the null that tells functional clusters from mere smoothness: a smooth model
+makes any t-map smooth) and with the selective units at scattered places (the null for patches: many selective
+units touch by chance). A folder of snapshots (--snapshot_iters) is analysed at every step: the map as it forms.
 
     python analyze.py out/ckpt.pt --control=out_control/ckpt.pt    # writes out/analysis/
     python analyze.py out/ckpt.pt --contrasts=language,noun_verb --fwhm=0
@@ -33,26 +30,18 @@ Contrasts (t = first condition - second) and their nulls (how the null redraws t
     noun_verb_concrete  shuffled  concrete nouns - concrete verbs
     noun_verb_abstract  shuffled  abstract nouns - abstract verbs
     sentiment           paired    positive - negative sentences, pairs that differ in one adjective
-paired: the labels of each matched pair swap with probability 1/2; shuffled: the labels are permuted over
-all stimuli, group sizes kept. A --stimuli CSV is shuffled. (The official noun_verb is verbs - nouns.)
+paired: the labels of each matched pair swap with probability 1/2; shuffled: the labels are permuted over all
+stimuli, group sizes kept. A --stimuli CSV is shuffled. (The official noun_verb is verbs - nouns.)
 
-Writes into out_dir, each file whole (a folder holds this analysis or the one before): <contrast>.png
-(unsmoothed t-maps, layers x maps, the control's to the right, patches outlined), correlation_distance.png,
-and metrics.json (its keys: docs/results.md); for a folder of snapshots over_training.png,
-over_training_maps.png, over_training.gif and metrics.json with the list over_training.
+Writes into out_dir, each file whole (a folder holds this analysis or the one before): <contrast>.png (the
+unsmoothed t-maps, layers x maps, the control's to the right, patches outlined), correlation_distance.png and
+metrics.json (its keys: docs/results.md); for a folder of snapshots over_training.png, over_training_maps.png,
+over_training.gif and metrics.json with the list over_training.
 """
 
 import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads, as in the model scripts
-import re
-import sys
-import csv
-import json
-import math
-import time
-import random
-import textwrap
-import itertools
+import re, sys, csv, json, math, time, random, textwrap, itertools
 from collections import OrderedDict, defaultdict, deque
 
 import numpy as np
@@ -78,15 +67,13 @@ sample = ''  # only print what the model and its control say: a TopoLM continues
 seed = 1337  # x >= 0: draws the stimuli, the nulls and the samples
 device = 'auto'  # auto = cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and isinstance(v, (bool, int, float, str))}
+DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and isinstance(v, (int, float, str))}
 
-# -----------------------------------------------------------------------------
-# Stimuli. Everything is written here and drawn from the seed, so a run is reproducible anywhere.
+# ---- Stimuli. Everything is written here and drawn from the seed, so a run is reproducible anywhere. ----
 
-# Language localizer (Fedorenko et al. 2010): sentences of 12 words, as in the original, against strings
-# of 12 pronounceable non-words, each sentence's twin matched word for word in letters. A sentence =
-# subject (3 words) + verb and object (4) + when, where or how (5). No one-letter words ("a", "I"), so that
-# every word has a non-word twin that does not look like a word.
+# Language localizer (Fedorenko et al. 2010): sentences of 12 words, as in the original, against strings of 12
+# pronounceable non-words, each sentence's twin matched word for word in letters. A sentence = subject (3 words) +
+# verb and object (4) + when, where or how (5); no one-letter words ("a", "I"): their twins would look like words.
 _SUBJECTS = """the old farmer|my older sister|the young doctor|our new teacher|the friendly neighbour|
 the tired driver|his elderly mother|the little boy|the quiet student|the busy nurse|my best friend|
 the tall waiter|her favourite uncle|the shy girl|the angry chef|our new manager|the local baker|
@@ -106,18 +93,13 @@ the wedding|as usual on Monday mornings|in the evening after dinner|before the g
 the children were asleep|after school on Friday afternoon|despite the cold and rain|at the weekend with
 friends|in the middle of winter|three times in one week"""
 
-def _split(s):
-    return [' '.join(x.split()) for x in s.split('|')]
-
 _CONSONANTS, _VOWELS = 'bdfgklmnprstvz', 'aiou'  # no final e: "bame" reads as an English word
 _ONSETS = ['bl', 'br', 'dr', 'fl', 'fr', 'gl', 'gr', 'kl', 'pl', 'pr', 'sl', 'sp', 'st', 'tr']
 
 def nonword(rng, n_letters):
-    """
-    A pronounceable non-word of exactly n_letters letters, alternating consonants and vowels and ending
+    """A pronounceable non-word of exactly n_letters letters, alternating consonants and vowels and ending
     in a vowel (a, i, o, u), which few English words do (CVC and -ed/-er endings would often make words):
-    2 letters VC (ep), 3 VCV (oba), even CVCV... (bomuta), odd >= 5 CCVCV... or VCVCV (klosu, obimu).
-    """
+    2 letters VC (ep), 3 VCV (oba), even CVCV... (bomuta), odd >= 5 CCVCV... or VCVCV (klosu, obimu)."""
     while True:
         if n_letters == 2:
             w = rng.choice('aeiou') + rng.choice('bdfgkpvz')
@@ -133,10 +115,10 @@ def nonword(rng, n_letters):
             return w
 
 def language_stimuli(seed, n=240):
-    """n sentences of 12 words and n non-word strings, pair i matched word for word in letters.
-    Returns {'sentences': [...], 'nonwords': [...]}."""
+    """n sentences of 12 words and n non-word strings, pair i matched word for word: {'sentences', 'nonwords'}"""
     rng = random.Random(seed)
-    combos = list(itertools.product(_split(_SUBJECTS), _split(_PREDICATES), _split(_ADVERBIALS)))
+    parts = [[' '.join(x.split()) for x in s.split('|')] for s in (_SUBJECTS, _PREDICATES, _ADVERBIALS)]
+    combos = list(itertools.product(*parts))
     sentences, nonwords = [], []
     for subject, predicate, adverbial in rng.sample(combos, n):
         words = f"{subject} {predicate} {adverbial}".split()
@@ -145,10 +127,9 @@ def language_stimuli(seed, n=240):
         nonwords.append(fake[0].capitalize() + ' ' + ' '.join(fake[1:]) + '.')
     return {'sentences': sentences, 'nonwords': nonwords}
 
-# Nouns and verbs as TopoLM tests them (Hauptman et al. 2024, after Elli et al. 2019): two-word phrases,
-# a noun as "the X the Y", a verb as "to X to Y", X and Y of the same semantic category, 4 categories per
-# class. The phrases differ in their function words too ("the" vs "to"), as in the brain study. Words
-# chosen to be used mostly as one word class.
+# Nouns and verbs as TopoLM tests them (Hauptman et al. 2024, after Elli et al. 2019): two-word phrases, a noun as
+# "the X the Y", a verb as "to X to Y", X and Y of one semantic category, 4 categories per class, each word used
+# mostly as one word class. The phrases differ in their function words too ("the" vs "to"), as in the brain study.
 NOUNS = {
     'places': """village harbour meadow suburb canyon island valley cottage castle museum library airport
         stadium prairie lagoon glacier volcano cathedral jungle bakery tavern fortress monastery orchard""".split(),
@@ -171,11 +152,9 @@ VERBS = {
 }
 
 def phrase_stimuli(seed, per_category=72):
-    """
-    Noun and verb phrases, per_category of each category (72, as Elli et al.): each word is X in
+    """Noun and verb phrases, per_category of each category (72, as Elli et al.): each word is X in
     per_category / n_words phrases and Y in as many, Y != X. Returns {'noun_places': ["the village the
-    meadow", ...], ..., 'verb_mouth': ["to chew to gulp", ...], ...}.
-    """
+    meadow", ...], ..., 'verb_mouth': ["to chew to gulp", ...], ...}."""
     rng = random.Random(seed + 2)
     out = {}
     for kind, article, categories in (('noun', 'the', NOUNS), ('verb', 'to', VERBS)):
@@ -192,28 +171,25 @@ def phrase_stimuli(seed, per_category=72):
 PHRASE_NOUNS = [f'noun_{c}' for c in NOUNS]
 PHRASE_VERBS = [f'verb_{c}' for c in VERBS]
 
-# Word class x meaning (after Moseley & Pulvermueller 2014): 48 single words in each cell of
-# concrete/abstract x noun/verb, chosen to be used mostly as one word class, the cells roughly matched
-# in length (5.5-6.8 letters, 1.9-2.1 GPT-2 tokens on average).
+# Word class x meaning (after Moseley & Pulvermueller 2014): 48 single words in each cell of concrete/abstract x
+# noun/verb, each used mostly as one word class; cells of similar mean length (5.5-6.8 letters, 1.9-2.1 GPT-2 tokens).
 WORDS = {
     'concrete_nouns': """apple banana carrot onion potato tomato lemon cherry cabbage sandwich spoon kettle
         teapot saucepan blanket pillow cushion sofa wardrobe window pencil basket bucket candle lamp
         necklace umbrella wallet jacket sweater scissors bicycle tractor helicopter violin piano rabbit
         horse tiger elephant giraffe donkey pebble cottage cucumber carpet rooster spider""".split(),
-    'abstract_nouns': """justice freedom truth honesty wisdom courage patience loyalty liberty democracy
-        theory concept idea notion belief faith virtue mercy grief sorrow jealousy happiness sadness
-        kindness fairness duty glory poverty wealth knowledge logic purpose destiny fate chaos harmony
-        mystery morality ethics philosophy religion tradition opinion ambition anxiety boredom
-        curiosity dignity""".split(),
+    'abstract_nouns': """justice freedom truth honesty wisdom courage patience loyalty liberty democracy theory
+        concept idea notion belief faith virtue mercy grief sorrow jealousy happiness sadness kindness fairness duty
+        glory poverty wealth knowledge logic purpose destiny fate chaos harmony mystery morality ethics philosophy
+        religion tradition opinion ambition anxiety boredom curiosity dignity""".split(),
     'concrete_verbs': """grab throw chew lick squeeze scatter pour unbutton fasten sharpen sweep wipe scrub
         carry lift drag tighten climb crawl wriggle kneel grasp clutch shove fling stagger crouch wash
         bake tiptoe boil grind wrestle sneeze blink pinch tickle juggle knead crumple squat nibble swim
         unpack steer scribble sprinkle stumble""".split(),
-    'abstract_verbs': """believe think know understand remember forget imagine suppose assume decide
-        consider realize recognize pretend deserve intend prefer admire forgive hesitate ponder presume
-        conclude infer deduce perceive dare yearn tolerate neglect ignore resent crave approve deny
-        justify evaluate interpret analyze accept exist belong persuade convince reconcile seem expect
-        envision""".split(),
+    'abstract_verbs': """believe think know understand remember forget imagine suppose assume decide consider
+        realize recognize pretend deserve intend prefer admire forgive hesitate ponder presume conclude infer deduce
+        perceive dare yearn tolerate neglect ignore resent crave approve deny justify evaluate interpret analyze
+        accept exist belong persuade convince reconcile seem expect envision""".split(),
 }
 
 # Sentiment (Topoformer's first task was sentiment; it suits a masked LM as well as a causal one):
@@ -233,20 +209,15 @@ _ADJECTIVES = [  # (positive, negative), similar in length
 def sentiment_stimuli(seed, n=200):
     """n positive and n negative sentences; pair i shares frame and topic. {'positive', 'negative'}"""
     rng = random.Random(seed + 1)
-    combos = list(itertools.product(_FRAMES, _TOPICS, _ADJECTIVES))
-    positive, negative = [], []
-    for frame, topic, (good, bad) in rng.sample(combos, n):
-        positive.append(frame.format(topic, good))
-        negative.append(frame.format(topic, bad))
-    return {'positive': positive, 'negative': negative}
+    chosen = rng.sample(list(itertools.product(_FRAMES, _TOPICS, _ADJECTIVES)), n)
+    return {'positive': [frame.format(topic, good) for frame, topic, (good, _) in chosen],
+            'negative': [frame.format(topic, bad) for frame, topic, (_, bad) in chosen]}
 
-# Words a non-word must not be: every word used here; the two-letter English words the generator can
-# make; and every form of 3 to 7 letters that it can make and GPT-2's tokenizer holds as one whole-word
-# token, lowercase or capitalised, after a space or not (words, names, abbreviations: found by running
-# through all such forms once).
+# Words a non-word must not be: every word used here; the two-letter English words the generator can make; and
+# every form of 3 to 7 letters that it can make and GPT-2's tokenizer holds as one whole-word token, lowercase or
+# capitalised, after a space or not (words, names, abbreviations: found by running through all such forms once).
 _REAL_WORDS = set(' '.join(_SUBJECTS.split('|') + _PREDICATES.split('|') + _ADVERBIALS.split('|')).split())
-_REAL_WORDS |= {w for ws in WORDS.values() for w in ws}
-_REAL_WORDS |= {w for cats in (NOUNS, VERBS) for ws in cats.values() for w in ws}
+_REAL_WORDS |= {w for lists in (WORDS, NOUNS, VERBS) for ws in lists.values() for w in ws}
 _REAL_WORDS |= set("""ab ad ag av ed id if of ok op up uk
 ado ago aka ali ana api idi iso ori abu ada agu aki ala ara ari iro isa obi oro uni uri
 bona data goto guru lava logo mana mini mono mosa nano para radi saga situ soda sofa solo sudo tofu tuna
@@ -271,10 +242,10 @@ CONTRASTS = OrderedDict([
                          ('verbs', ['concrete_verbs', 'abstract_verbs']), 'shuffled')),
     ('concrete_abstract', (('concrete', ['concrete_nouns', 'concrete_verbs']),
                            ('abstract', ['abstract_nouns', 'abstract_verbs']), 'shuffled')),
-    ('noun_verb_concrete', (('concrete nouns', ['concrete_nouns']), ('concrete verbs', ['concrete_verbs']),
-                            'shuffled')),
-    ('noun_verb_abstract', (('abstract nouns', ['abstract_nouns']), ('abstract verbs', ['abstract_verbs']),
-                            'shuffled')),
+    ('noun_verb_concrete', (('concrete nouns', ['concrete_nouns']),
+                            ('concrete verbs', ['concrete_verbs']), 'shuffled')),
+    ('noun_verb_abstract', (('abstract nouns', ['abstract_nouns']),
+                            ('abstract verbs', ['abstract_verbs']), 'shuffled')),
     ('sentiment', (('positive', ['positive']), ('negative', ['negative']), 'paired')),
 ])
 
@@ -313,16 +284,12 @@ def read_stimuli_csv(path):
         raise UsageError(f"{path}: the two conditions hold the same texts, so every t would be 0")
     return os.path.splitext(os.path.basename(path))[0], groups
 
-# -----------------------------------------------------------------------------
-# Models and their responses
+# ---- Models and their responses ---------------------------------------------
 
 def load_model(path, positions_dir, device):
-    """
-    Any of the three kinds of checkpoint, read once and recognised here: topo_gpt.py's and topoformer.py's
-    (by their model_type) and the official TopoLM code's (no model_type; its model_args spell n_embed).
-    An official checkpoint's unit places come from positions_dir ('' = model_args' position_dir beside
-    it). Returns (model in eval mode, info dict).
-    """
+    """Any of the three kinds of checkpoint, read once and recognised here: topo_gpt.py's and topoformer.py's
+    (by their model_type) and the official TopoLM code's (no model_type; its model_args spell n_embed), whose
+    unit places come from positions_dir ('' = model_args' position_dir beside it). Returns (model, info dict)."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint file {path}")
     try:
@@ -330,8 +297,7 @@ def load_model(path, positions_dir, device):
     except Exception as e:
         raise UsageError(f"{path} cannot be read as a checkpoint: it is damaged, cut short or no torch file "
                          f"({type(e).__name__})") from None
-    kind = ckpt.get('model_type') if isinstance(ckpt, dict) else None
-    args = ckpt.get('model_args') if isinstance(ckpt, dict) else None
+    kind, args = (ckpt.get('model_type'), ckpt.get('model_args')) if isinstance(ckpt, dict) else (None, None)
     official = kind is None and isinstance(args, dict) and 'n_embed' in args
     if kind is None and not official:
         raise UsageError(f"{path} is a foreign checkpoint: not one of topo_gpt.py, topoformer.py or the "
@@ -360,13 +326,10 @@ def load_model(path, positions_dir, device):
     except (KeyError, TypeError, RuntimeError) as e:  # weights that do not fit the model their config describes
         raise UsageError(f"{path}: its weights do not fit the model its config describes ({type(e).__name__}); a "
                          f"file of another version of the script?") from None
-    if kind == 'topoformer':
-        topographic = model.config.sq < 1 or model.config.sr < 1  # sq = sr = 1: the control
-    else:
-        topographic = model.config.alpha > 0  # alpha = 0: the control
-    info = dict(checkpoint=path, model_type=kind or 'topolm', official=official, topographic=topographic,
-                step=ckpt.get('iter_num'), losses=ckpt.get('losses'))
-    return model, info
+    config = model.config  # the control: sq = sr = 1 (Topoformer), alpha = 0 (TopoLM)
+    topographic = (config.sq < 1 or config.sr < 1) if kind == 'topoformer' else config.alpha > 0
+    return model, dict(checkpoint=path, model_type=kind or 'topolm', official=official, topographic=topographic,
+                       step=ckpt.get('iter_num'), losses=ckpt.get('losses'))
 
 def describe(info):
     name = {'topolm': 'TopoLM', 'topoformer': 'Topoformer'}[info['model_type']]
@@ -384,12 +347,9 @@ def gpt2_tokenizer():
                          f"TIKTOKEN_CACHE_DIR to a copy of tiktoken's cache (e.g. ../shared/tiktoken_cache)") from None
 
 def unit_responses(model, texts, enc, batch_size=64, device='cpu'):
-    """
-    Response of every unit of every map to every text: its activation averaged over the text's own tokens.
-    Texts are grouped by token length and each group runs as whole batches, so there is no padding. (The
-    official code pads a batch and averages over the padding too; a bidirectional model would also attend
-    to it.) Returns {map name: (N, C) float32}.
-    """
+    """Response of every unit of every map to every text: its activation averaged over the text's own tokens.
+    Texts are grouped by token length and run as whole batches, so there is no padding (the official code pads
+    and averages over the padding too; a bidirectional model would attend to it). Returns {map: (N, C) float32}."""
     ids = [enc.encode_ordinary(t) for t in texts]
     too_long = [i for i, x in enumerate(ids) if len(x) > model.config.block_size]
     if too_long:
@@ -402,8 +362,7 @@ def unit_responses(model, texts, enc, batch_size=64, device='cpu'):
             raise UsageError(f"stimulus {texts[i]!r} has no tokens")
         by_length[len(x)].append(i)
     out, t0, done, shown = None, time.time(), 0, time.time()
-    # the logits are not needed here, and the output head (T x vocab per text) costs as much as all
-    # the blocks of a small model: let it see only the last position
+    # logits unused; the output head (T x vocab a text) costs as much as a small model's blocks: feed it the last token
     hook = model.lm_head.register_forward_pre_hook(lambda mod, inp: (inp[0][:, -1:],))
     try:
         with torch.no_grad():
@@ -446,13 +405,10 @@ def to_grid(values, positions):
     return grid
 
 def smooth(grids, fwhm):
-    """
-    Gaussian smoothing of maps (..., H, W), FWHM in grid units: sigma = FWHM / sqrt(8 ln 2). Separable:
+    """Gaussian smoothing of maps (..., H, W), FWHM in grid units: sigma = FWHM / sqrt(8 ln 2). Separable:
     out = K_rows @ map @ K_cols^T with row-normalised Gaussian matrices K[i, j] ~ exp(-(i-j)^2 / 2 sigma^2),
-    so a constant map stays constant, borders included. The official read-out (eval/hrf.py) uses the
-    unnormalised kernel; the two differ by a positive factor per grid cell, which Welch's t ignores: the
-    smoothed t-maps are the same.
-    """
+    so a constant map stays constant, borders included. The official read-out (eval/hrf.py) leaves it unnormalised:
+    the two differ by a positive factor per grid cell, which Welch's t ignores (the smoothed t-maps are the same)."""
     sigma = fwhm / math.sqrt(8 * math.log(2))
     def kernel(n):
         d = np.arange(n)[:, None] - np.arange(n)[None, :]
@@ -461,16 +417,13 @@ def smooth(grids, fwhm):
     H, W = grids.shape[-2:]
     return kernel(H) @ grids @ kernel(W).T
 
-# -----------------------------------------------------------------------------
-# Statistics, written here (no scipy), each checked against hand values in the tests
+# ---- Statistics, written here (no scipy), each checked against hand values in the tests ----
 
 def welch_t(a, b):
-    """
-    Welch's t-test of mean(a) - mean(b) along axis 0, per unit. a: (n_a, ...), b: (n_b, ...).
+    """Welch's t-test of mean(a) - mean(b) along axis 0, per unit. a: (n_a, ...), b: (n_b, ...).
         s2_a = var(a) / n_a (unbiased variance),  t = (mean a - mean b) / sqrt(s2_a + s2_b)
         df   = (s2_a + s2_b)^2 / (s2_a^2 / (n_a - 1) + s2_b^2 / (n_b - 1))    (Welch-Satterthwaite)
-    A unit silent on every stimulus gets t = 0, df = n_a + n_b - 2. Returns t, df (...).
-    """
+    A unit silent on every stimulus gets t = 0, df = n_a + n_b - 2. Returns t, df (...)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     na, nb = len(a), len(b)
     sa, sb = a.var(0, ddof=1) / na, b.var(0, ddof=1) / nb
@@ -523,14 +476,11 @@ def t_pvalue(t, df):
     return np.clip(betainc(df / 2, 0.5, df / (df + t**2)), 0.0, 1.0)
 
 def bh_fdr(p):
-    """
-    Benjamini-Hochberg q-values of p-values of any shape (one family: all entries):
+    """Benjamini-Hochberg q-values of p-values of any shape (one family: all entries):
         q_(i) = min over j >= i of p_(j) * m / j, for the p-values sorted ascending, capped at 1.
-    A unit is significant at FDR level alpha if its q < alpha.
-    """
+    A unit is significant at FDR level alpha if its q < alpha."""
     p = np.asarray(p, np.float64)
-    flat = p.ravel()
-    m = flat.size
+    flat, m = p.ravel(), p.size
     order = np.argsort(flat)
     scaled = flat[order] * m / np.arange(1, m + 1)
     q_sorted = np.minimum.accumulate(scaled[::-1])[::-1]  # running min from the largest p down
@@ -538,20 +488,16 @@ def bh_fdr(p):
     q[order] = np.minimum(q_sorted, 1.0)
     return q.reshape(p.shape)
 
-# -----------------------------------------------------------------------------
-# Topography: Moran's I, patches, correlation vs distance
+# ---- Topography: Moran's I, patches, correlation vs distance ----------------
 
 _QUEEN = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
 
 def morans_i(grid):
-    """
-    Moran's I of a map (H, W) with queen contiguity (the 8 surrounding cells are neighbours),
-    the weights row-standardised (each cell's neighbours share weight 1), as TopoLM computes it
-    (esda's Moran with libpysal's lat2W(rook=False)):
+    """Moran's I of a map (H, W) with queen contiguity (the 8 surrounding cells are neighbours), the weights
+    row-standardised (each cell's neighbours share weight 1), as TopoLM (esda's Moran, libpysal's lat2W(rook=False)):
         z = x - mean(x),   I = (N / S0) sum_ij w_ij z_i z_j / sum_i z_i^2,   S0 = sum_ij w_ij = N
     so I = sum_i z_i * (mean of z over i's neighbours) / sum_i z_i^2.
-    About +1 for a smooth map, -1/(N-1) on average for shuffled noise; NaN for a constant map.
-    """
+    About +1 for a smooth map, -1/(N-1) on average for shuffled noise; NaN for a constant map."""
     z = np.asarray(grid, np.float64)
     z = z - z.mean()
     H, W = z.shape
@@ -564,15 +510,11 @@ def morans_i(grid):
     return float((z * lag_sum / n_neighbours).sum() / denom) if denom > 0 else float('nan')
 
 def clusters(mask):
-    """
-    Connected components of a boolean map (H, W) with 4-connectivity (up, down, left, right),
-    by flood fill. Returns labels (H, W) int (0 = background, 1..k in order of first cell in
-    row-major order) and sizes [size of component 1, ..., size of component k].
-    """
+    """Connected components of a boolean map (H, W) with 4-connectivity (up, down, left, right), by flood fill.
+    Returns labels (H, W) int (0 = background, 1..k in row-major order of their first cell) and sizes [of 1, ..., k]."""
     mask = np.asarray(mask, bool)
     H, W = mask.shape
-    labels = np.zeros((H, W), dtype=np.int64)
-    sizes = []
+    labels, sizes = np.zeros((H, W), dtype=np.int64), []
     for r0, c0 in zip(*np.nonzero(mask)):
         if labels[r0, c0]:
             continue
@@ -590,11 +532,9 @@ def clusters(mask):
     return labels, sizes
 
 def patches(t, significant, min_size=25):
-    """
-    Patches of a t-map: the 4-connected clusters of significant units, positive and negative t
+    """Patches of a t-map: the 4-connected clusters of significant units, positive and negative t
     separately, of at least min_size units. Returns {'positive': sizes, 'negative': sizes} (largest
-    first) and a map (H, W) that is +1 on the units of positive patches, -1 on negative ones, else 0.
-    """
+    first) and a map (H, W) that is +1 on the units of positive patches, -1 on negative ones, else 0."""
     sizes, where = {}, np.zeros(t.shape, dtype=np.int64)
     for sign, s, mask in (('positive', 1, significant & (t > 0)), ('negative', -1, significant & (t < 0))):
         labels, all_sizes = clusters(mask)
@@ -604,11 +544,9 @@ def patches(t, significant, min_size=25):
     return sizes, where
 
 def correlation_profile(responses):
-    """
-    Smoothness without any contrast: the Pearson correlation of every pair of units over all stimuli,
+    """Smoothness without any contrast: the Pearson correlation of every pair of units over all stimuli,
     averaged in bins of grid distance (Euclidean, rounded to the nearest integer: 1, 2, ..., side - 1).
-    responses: (N stimuli, H, W). Returns distances (B,), mean r (B,). Silent units are left out.
-    """
+    responses: (N stimuli, H, W). Returns distances (B,), mean r (B,). Silent units are left out."""
     N, H, W = responses.shape
     x = responses.reshape(N, H * W).astype(np.float64)
     x = x - x.mean(0)
@@ -627,13 +565,11 @@ def correlation_profile(responses):
         mean_r = sums / counts
     return np.arange(1, len(sums)), mean_r[1:]
 
-# -----------------------------------------------------------------------------
-# One contrast: t-maps, selectivity, Moran's I, patches; the nulls
+# ---- One contrast: t-maps, selectivity, Moran's I, patches; the nulls -------
 
 def t_maps(grids, ia, ib, fdr):
-    """Welch t of group ia - group ib for every unit of every map (grids: {map: (N, H, W)}), and which
-    units are significant: BH-FDR q < fdr over all units of all maps together (as the official code, over
-    all layers). Returns ({map: t}, {map: significant})."""
+    """Welch t of group ia - group ib for every unit of every map (grids: {map: (N, H, W)}), and which units are
+    significant: BH-FDR q < fdr over all units of all maps, as the official code. Returns ({map: t}, {map: q < fdr})."""
     ts, ps = OrderedDict(), []
     for name, g in grids.items():
         t, df = welch_t(g[ia], g[ib])
@@ -643,15 +579,11 @@ def t_maps(grids, ia, ib, fdr):
     return ts, OrderedDict((name, qk < fdr) for name, qk in zip(ts, q))
 
 def contrast_stats(grids, ia, ib, fdr, min_size, smoothed=None):
-    """
-    The t-maps of group ia - group ib (t_maps) and what they show, per map:
-        percent_selective = % of units significant with t > 0 (selective for the first group),
-        percent_selective_second = the same with t < 0, Moran's I, the patches of selective units
-    smoothed: the same grids smoothed, for the smoothed read-out (the official localizer's: smoothed
-    responses, then t, FDR and selectivity): its Moran's I and percent_selective_smoothed. Returns
-    {map: dict(t, significant, morans_i, morans_i_smoothed, percent_selective, percent_selective_second,
-    percent_selective_smoothed, patches, patch_map)}.
-    """
+    """The t-maps of group ia - group ib (t_maps) and what they show, per map: Moran's I, the patches of selective
+    units, percent_selective = % of units significant with t > 0 (selective for the first group), _second: t < 0.
+    smoothed: the same grids smoothed, for the smoothed read-out (the official localizer's: smoothed responses,
+    then t, FDR and selectivity): its Moran's I and percent_selective_smoothed. Returns {map: dict(t, significant,
+    morans_i, morans_i_smoothed, percent_selective(_second, _smoothed), patches, patch_map)}."""
     ts, sig = t_maps(grids, ia, ib, fdr)
     ts_smooth, sig_smooth = t_maps(smoothed, ia, ib, fdr) if smoothed is not None else (None, None)
     out = OrderedDict()
@@ -667,13 +599,10 @@ def contrast_stats(grids, ia, ib, fdr, min_size, smoothed=None):
     return out
 
 def redraw_labels(ia, ib, null, rng):
-    """
-    One draw of the null's labels for groups ia, ib (row indices).
-    shuffled: all stimuli pooled and dealt out again, group sizes kept.
-    paired: ia[i] and ib[i] are a matched pair (a sentence and its non-word twin); each pair's two labels
-    swap with probability 1/2, so every pair stays split across the groups and the null keeps what the
-    pairs share (length, frame, topic), as a null of matched pairs must.
-    """
+    """One draw of the null's labels for groups ia, ib (row indices). shuffled: all stimuli pooled and dealt
+    out again, group sizes kept. paired: ia[i] and ib[i] are a matched pair (a sentence and its non-word twin);
+    each pair's two labels swap with probability 1/2, so every pair stays split across the groups and the null
+    keeps what the pairs share (length, frame, topic), as a null of matched pairs must."""
     if null == 'paired':
         swap = rng.random(len(ia)) < 0.5
         return np.where(swap, ib, ia), np.where(swap, ia, ib)
@@ -684,12 +613,7 @@ def _mean_sd(values):
     v = np.asarray([np.nan if x is None else x for x in values], np.float64)
     if not len(v) or np.isnan(v).all():
         return dict(mean=None, sd=None)
-    # the sd is the spread of the draws themselves (population sd), 0 for a single draw
-    return dict(mean=float(np.nanmean(v)), sd=float(np.nanstd(v)))
-
-def _nanmean(values):
-    v = np.asarray([np.nan if x is None else x for x in values], np.float64)
-    return float(np.nanmean(v)) if not np.isnan(v).all() else None
+    return dict(mean=float(np.nanmean(v)), sd=float(np.nanstd(v)))  # population sd: the draws' spread, 0 for one
 
 def _n_patches(sizes):
     return len(sizes['positive']) + len(sizes['negative'])
@@ -698,38 +622,25 @@ def _largest(sizes):
     return max(sizes['positive'] + sizes['negative'] + [0])
 
 def summarize(real, nulls, scattered):
-    """
-    The numbers of one contrast: each map's own beside its null summaries, then their means over the maps.
-    real: contrast_stats of the true labels; nulls: [contrast_stats] of the redrawn labels; scattered:
-    {map: [patch sizes]} of the selective units at shuffled places.
-    """
+    """The numbers of one contrast: each map's own beside its null summaries, then their means over the maps. real:
+    contrast_stats of the true labels, nulls: [contrast_stats] of redrawn labels, scattered: scattered_patches."""
+    with_null = ('morans_i', 'morans_i_smoothed', 'percent_selective', 'percent_selective_smoothed')
     maps = OrderedDict()
     for m, s in real.items():
-        maps[m] = dict(
-            morans_i=s['morans_i'], morans_i_null=_mean_sd([n[m]['morans_i'] for n in nulls]),
-            morans_i_smoothed=s['morans_i_smoothed'],
-            morans_i_smoothed_null=_mean_sd([n[m]['morans_i_smoothed'] for n in nulls]),
-            percent_selective=s['percent_selective'], percent_selective_second=s['percent_selective_second'],
-            percent_selective_null=_mean_sd([n[m]['percent_selective'] for n in nulls]),
-            percent_selective_smoothed=s['percent_selective_smoothed'],
-            percent_selective_smoothed_null=_mean_sd([n[m]['percent_selective_smoothed'] for n in nulls]),
-            patches=s['patches'], n_patches=_n_patches(s['patches']),
-            n_patches_null=_mean_sd([_n_patches(n[m]['patches']) for n in nulls]),
-            largest_patch=_largest(s['patches']),
-            n_patches_scattered=_mean_sd([_n_patches(x) for x in scattered[m]]),
-            largest_patch_scattered=_mean_sd([_largest(x) for x in scattered[m]]))
-    over_maps = lambda key, stats: _nanmean([v[key] for v in stats.values()])
-    return dict(
-        mean_morans_i=over_maps('morans_i', real),
-        mean_morans_i_null=_mean_sd([over_maps('morans_i', n) for n in nulls]),
-        mean_morans_i_smoothed=over_maps('morans_i_smoothed', real),
-        mean_morans_i_smoothed_null=_mean_sd([over_maps('morans_i_smoothed', n) for n in nulls]),
-        percent_selective=over_maps('percent_selective', real),  # the maps are of equal size: = % of all units
-        percent_selective_second=over_maps('percent_selective_second', real),
-        percent_selective_null=_mean_sd([over_maps('percent_selective', n) for n in nulls]),
-        percent_selective_smoothed=over_maps('percent_selective_smoothed', real),
-        percent_selective_smoothed_null=_mean_sd([over_maps('percent_selective_smoothed', n) for n in nulls]),
-        maps=maps)
+        v = maps[m] = dict(percent_selective_second=s['percent_selective_second'], patches=s['patches'],
+                           n_patches=_n_patches(s['patches']), largest_patch=_largest(s['patches']),
+                           n_patches_null=_mean_sd([_n_patches(n[m]['patches']) for n in nulls]),
+                           n_patches_scattered=_mean_sd([_n_patches(x) for x in scattered[m]]),
+                           largest_patch_scattered=_mean_sd([_largest(x) for x in scattered[m]]))
+        for key in with_null:
+            v[key], v[key + '_null'] = s[key], _mean_sd([n[m][key] for n in nulls])
+    over_maps = lambda key, stats: _mean_sd([v[key] for v in stats.values()])['mean']
+    # the means over the maps (the maps are of equal size: the % selective is that of all units)
+    means = dict(percent_selective_second=over_maps('percent_selective_second', real), maps=maps)
+    for key in with_null:
+        mean = key if key.startswith('percent') else 'mean_' + key
+        means[mean], means[mean + '_null'] = over_maps(key, real), _mean_sd([over_maps(key, n) for n in nulls])
+    return means
 
 def scattered_patches(stats, n, min_size, rng):
     """The patches that chance alone makes at each map's share of selective units: the same t-map with its
@@ -742,15 +653,11 @@ def scattered_patches(stats, n, min_size, rng):
                   for p in (rng.permutation(t.size) for _ in range(n))]
     return out
 
-# -----------------------------------------------------------------------------
-# One model: responses -> grids -> every contrast
+# ---- One model: responses -> grids -> every contrast ------------------------
 
 def analyze_model(model, info, suites, rows, texts, enc, cfg, device):
-    """
-    Every contrast of one model. suites: [(name, (label, conditions), (label, conditions), null)];
-    rows: {condition: row indices into texts}. Returns (metrics dict, {contrast: {map: (t, patch map)}},
-    {map: (distances, mean r)}).
-    """
+    """Every contrast of one model. suites: [(name, (label, conditions), (label, conditions), null)]; rows:
+    {condition: row indices into texts}. Returns (metrics, {contrast: {map: (t, patch map)}}, {map: (d, mean r)})."""
     grids = OrderedDict((m, to_grid(r, model.positions(m).cpu().numpy()))  # {map: (N, H, W)}
                         for m, r in unit_responses(model, texts, enc, cfg['batch_size'], device).items())
     # the smoothed read-out: each stimulus's map smoothed once; every draw of the null reuses them
@@ -760,16 +667,14 @@ def analyze_model(model, info, suites, rows, texts, enc, cfg, device):
     tmaps = OrderedDict()
     for name, (label_a, cond_a), (label_b, cond_b), null in suites:
         t0 = time.time()
-        ia = np.concatenate([rows[c] for c in cond_a])
-        ib = np.concatenate([rows[c] for c in cond_b])
+        ia, ib = (np.concatenate([rows[c] for c in conditions]) for conditions in (cond_a, cond_b))
         rng = np.random.default_rng(cfg['seed'])  # seeded per contrast: the same null whichever others run
         real = contrast_stats(grids, ia, ib, cfg['fdr'], cfg['min_patch'], smoothed)
         nulls = [contrast_stats(grids, *redraw_labels(ia, ib, null, rng), cfg['fdr'], cfg['min_patch'], smoothed)
                  for _ in range(cfg['n_shuffles'])]
         scattered = scattered_patches(real, cfg['n_shuffles'], cfg['min_patch'], rng)
-        metrics['contrasts'][name] = dict(conditions=[label_a, label_b], n_stimuli=[len(ia), len(ib)],
-                                          null=null, n_shuffles=cfg['n_shuffles'],
-                                          **summarize(real, nulls, scattered))
+        metrics['contrasts'][name] = dict(conditions=[label_a, label_b], n_stimuli=[len(ia), len(ib)], null=null,
+                                          n_shuffles=cfg['n_shuffles'], **summarize(real, nulls, scattered))
         tmaps[name] = OrderedDict((m, (s['t'], s['patch_map'])) for m, s in real.items())
         print(f"  {name}: {time.time() - t0:.1f}s", flush=True)
     profiles = OrderedDict((m, correlation_profile(g)) for m, g in grids.items())
@@ -777,8 +682,7 @@ def analyze_model(model, info, suites, rows, texts, enc, cfg, device):
         (m, dict(distance=d.tolist(), mean_r=r.tolist())) for m, (d, r) in profiles.items())
     return metrics, tmaps, profiles
 
-# -----------------------------------------------------------------------------
-# Plotting
+# ---- Plotting ---------------------------------------------------------------
 
 def pyplot():
     """matplotlib's pyplot, drawing into files (no screen needed), imported only when a figure is drawn."""
@@ -796,28 +700,27 @@ def _layout(names):
 def _fmt(x, spec='.2f'):
     return '-' if x is None else format(x, spec)  # None: no draws, no smoothing, or a constant map
 
+def _vmax(tmaps):
+    """The colour scale of t-maps [{map: (t, patch map)}]: the 99th percentile of all |t|, as a few extreme
+    t-values of one model (the control's, often) would pale every other map; 1 if all t are 0."""
+    return float(np.percentile(np.abs(np.concatenate([t.ravel() for tm in tmaps for t, _ in tm.values()])), 99)) or 1.0
+
 def plot_contrast(path, blocks, title):
-    """
-    t-maps of one contrast: a grid of layers x maps for each model, side by side (the model on the
-    left, its control on the right), one symmetric colour scale, patches outlined.
-    blocks: [(model label, {map: (t, patch map)}, {map: metrics of the map})].
-    """
+    """t-maps of one contrast: a grid of layers x maps for each model, side by side (the model left, its control
+    right), one symmetric colour scale, patches outlined. blocks: [(label, {map: (t, patch map)}, {map: metrics})]."""
     plt = pyplot()
     layouts = [_layout(list(tm)) for _, tm, _ in blocks]
     n_rows = max(l[1] for l in layouts)
     # the blocks' columns, with a narrow empty column between two blocks
     ratios = [r for i, l in enumerate(layouts) for r in ([0.25] if i else []) + [1] * l[2]]
-    # one scale for both models, as the comparison needs, set by the 99th percentile of all |t|: a few extreme
-    # t-values of one model (the control's, often) would otherwise pale every other map
-    vmax = float(np.percentile(np.abs(np.concatenate([t.ravel() for _, tm, _ in blocks for t, _ in tm.values()])), 99)) or 1.0
+    vmax = _vmax([tm for _, tm, _ in blocks])  # one scale for both models, as the comparison needs
     content = 2.0 * sum(ratios)  # inches of maps; plus 0.1 left, 1.3 right for the colour bar
     width, height = max(content + 1.4, 9.0), 2.3 * n_rows + 1.3  # at least 9 inches: room for the title
     pad = (width - content - 1.4) / 2  # centre narrow grids
     fig = plt.figure(figsize=(width, height))
-    # fixed margins: constrained/tight layout would take seconds per figure
     gs = fig.add_gridspec(n_rows, len(ratios), width_ratios=ratios, left=(0.1 + pad) / width,
                           right=1 - (1.3 + pad) / width, bottom=0.2 / height, top=1 - 1.3 / height,
-                          wspace=0.15, hspace=0.55)
+                          wspace=0.15, hspace=0.55)  # fixed margins: a tight layout takes seconds a figure
     col0 = 0
     for (label, tm, mm), (where, _, n_kinds) in zip(blocks, layouts):
         for m, (t, patch_map) in tm.items():
@@ -859,51 +762,39 @@ def plot_profiles(path, models, title):
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-# -----------------------------------------------------------------------------
-# The printout: a table per contrast, a legend, a line per contrast
+# ---- The printout: a table per contrast, a legend, a line per contrast ------
 
 _COLUMNS = [("Moran's I", 9), ('shuffled', 10), ('smoothed I', 10), ('shuffled', 10), ('% selective', 11),
             ('smoothed %', 11), ('patches', 9)]
 
 def _cells(v):
     """The cells of one model's row: v = a map's metrics, or a contrast's (its means over the maps)."""
-    null, snull = v['morans_i_null'], v['morans_i_smoothed_null']
+    moran = 'morans_i' if 'morans_i' in v else 'mean_morans_i'  # a map's, or the mean over the maps
     with_sd = lambda s: '-' if s['mean'] is None else f"{s['mean']:.2f}±{s['sd']:.2f}"
     share = lambda key: f"{_fmt(v[key], '.1f')} ({_fmt(v[key + '_null']['mean'], '.1f')})"
-    cells = [_fmt(v['morans_i']), with_sd(null), _fmt(v['morans_i_smoothed']), with_sd(snull),
-             share('percent_selective'), share('percent_selective_smoothed')]
-    if 'patches' in v:
-        cells.append(f"{v['n_patches']} ({_fmt(v['n_patches_scattered']['mean'], '.1f')})")
-    else:
-        cells.append('')
-    return cells
+    patches = f"{v['n_patches']} ({_fmt(v['n_patches_scattered']['mean'], '.1f')})" if 'patches' in v else ''
+    return [_fmt(v[moran]), with_sd(v[moran + '_null']), _fmt(v[moran + '_smoothed']),
+            with_sd(v[moran + '_smoothed_null']), share('percent_selective'), share('percent_selective_smoothed'),
+            patches]
 
 def print_table(name, results, cfg):
     """One contrast: a row per map and a row of means, the model's columns and then the control's."""
     first = results[0]['contrasts'][name]
-    a, b = first['conditions']
-    print(f"\n{name}: {a} - {b} ({first['n_stimuli'][0]} vs {first['n_stimuli'][1]} stimuli; "
+    print(f"\n{name}: {' - '.join(first['conditions'])} ({first['n_stimuli'][0]} vs {first['n_stimuli'][1]} stimuli; "
           f"null: {NULLS[first['null']]}, {first['n_shuffles']} draws)")
     width = sum(w for _, w in _COLUMNS) + len(_COLUMNS) - 1
     print((f"{'':10s}" + ''.join(f" | {(role + ': ' + describe(r))[:width]:{width}s}"
                                  for r, role in zip(results, ['model', 'control']))).rstrip())
     print(f"{'map':10s}" + ''.join(' | ' + ' '.join(f"{c:>{w}s}" for c, w in _COLUMNS) for _ in results))
-    rows = list(first['maps']) + ['mean']
-    for m in rows:
+    for m in list(first['maps']) + ['mean']:
         line = f"{m:10s}"
         for r in results:
             c = r['contrasts'][name]
             v = c if m == 'mean' else c['maps'].get(m)
             if v is None:  # a control with other maps
                 line += ' |'
-                continue
-            if m == 'mean':
-                v = dict(morans_i=c['mean_morans_i'], morans_i_null=c['mean_morans_i_null'],
-                         morans_i_smoothed=c['mean_morans_i_smoothed'],
-                         morans_i_smoothed_null=c['mean_morans_i_smoothed_null'],
-                         **{k: c[k] for k in ('percent_selective', 'percent_selective_null', 'percent_selective_smoothed',
-                                              'percent_selective_smoothed_null')})
-            line += ' | ' + ' '.join(f"{x:>{w}s}" for x, (_, w) in zip(_cells(v), _COLUMNS))
+            else:
+                line += ' | ' + ' '.join(f"{x:>{w}s}" for x, (_, w) in zip(_cells(v), _COLUMNS))
         print(line.rstrip())
     if len(results) == 2:
         d = [_difference(results, name, k) for k in ('mean_morans_i', 'mean_morans_i_smoothed')]
@@ -943,19 +834,17 @@ def print_legend(cfg, nulls):
 def print_summary(name, results):
     """One line per contrast: the mean Moran's I (unsmoothed, smoothed) and the % of selective units."""
     c = [r['contrasts'][name] for r in results]
+    moran, moran_smooth = ([_fmt(x[key]) for x in c] for key in ('mean_morans_i', 'mean_morans_i_smoothed'))
+    sel, sel_smooth = ([_fmt(x[key], '.1f') for x in c] for key in ('percent_selective', 'percent_selective_smoothed'))
     if len(c) == 1:
-        print(f"{name}: mean Moran's I {_fmt(c[0]['mean_morans_i'])} (shuffled "
-              f"{_fmt(c[0]['mean_morans_i_null']['mean'])}), smoothed {_fmt(c[0]['mean_morans_i_smoothed'])} "
-              f"(shuffled {_fmt(c[0]['mean_morans_i_smoothed_null']['mean'])}); "
-              f"{_fmt(c[0]['percent_selective'], '.1f')}% selective, smoothed "
-              f"{_fmt(c[0]['percent_selective_smoothed'], '.1f')}%")
+        print(f"{name}: mean Moran's I {moran[0]} (shuffled {_fmt(c[0]['mean_morans_i_null']['mean'])}), smoothed "
+              f"{moran_smooth[0]} (shuffled {_fmt(c[0]['mean_morans_i_smoothed_null']['mean'])}); {sel[0]}% selective, "
+              f"smoothed {sel_smooth[0]}%")
         return
-    print(f"{name}: mean Moran's I {_fmt(c[0]['mean_morans_i'])} vs control {_fmt(c[1]['mean_morans_i'])}, "
-          f"difference {_fmt(_difference(results, name, 'mean_morans_i'), '+.2f')}; smoothed "
-          f"{_fmt(c[0]['mean_morans_i_smoothed'])} vs {_fmt(c[1]['mean_morans_i_smoothed'])}, difference "
-          f"{_fmt(_difference(results, name, 'mean_morans_i_smoothed'), '+.2f')}; selective "
-          f"{_fmt(c[0]['percent_selective'], '.1f')}% vs {_fmt(c[1]['percent_selective'], '.1f')}%, smoothed "
-          f"{_fmt(c[0]['percent_selective_smoothed'], '.1f')}% vs {_fmt(c[1]['percent_selective_smoothed'], '.1f')}%")
+    diff, diff_smooth = (_fmt(_difference(results, name, 'mean_morans_i' + s), '+.2f') for s in ('', '_smoothed'))
+    print(f"{name}: mean Moran's I {moran[0]} vs control {moran[1]}, difference {diff}; smoothed {moran_smooth[0]} vs "
+          f"{moran_smooth[1]}, difference {diff_smooth}; selective {sel[0]}% vs {sel[1]}%, smoothed {sel_smooth[0]}% "
+          f"vs {sel_smooth[1]}%")
 
 def _json_ready(x):
     if isinstance(x, dict):
@@ -964,20 +853,15 @@ def _json_ready(x):
         return [_json_ready(v) for v in x]
     if isinstance(x, (np.floating, float)):
         return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()  # a Python int or bool
     return x
 
-# -----------------------------------------------------------------------------
-# main
+# ---- main -------------------------------------------------------------------
 
 def select_suites(cfg):
-    """
-    The contrasts of the run: ([(name, (label, conditions), (label, conditions), null)], all texts in one
-    list, {condition: its rows in that list}).
-    """
+    """The contrasts of the run: ([(name, (label, conditions), (label, conditions), null)], all texts in one
+    list, {condition: its rows in that list})."""
     if cfg['stimuli']:
         name, conditions = read_stimuli_csv(cfg['stimuli'])
         a, b = list(conditions)
@@ -1036,14 +920,12 @@ def metrics_of(suites, results, cfg):
     metrics = dict(config=cfg, model=results[0], control=results[1] if len(results) > 1 else None)
     if len(results) > 1:
         each = lambda name, key: [r['contrasts'][name][key] for r in results]
-        metrics['comparison'] = OrderedDict(
-            (name, dict(mean_morans_i=each(name, 'mean_morans_i'),
-                        difference=_difference(results, name, 'mean_morans_i'),
-                        mean_morans_i_smoothed=each(name, 'mean_morans_i_smoothed'),
-                        difference_smoothed=_difference(results, name, 'mean_morans_i_smoothed'),
-                        percent_selective=each(name, 'percent_selective'),
-                        percent_selective_smoothed=each(name, 'percent_selective_smoothed')))
-            for name, *_ in suites)
+        metrics['comparison'] = OrderedDict((name, dict(
+            mean_morans_i=each(name, 'mean_morans_i'), difference=_difference(results, name, 'mean_morans_i'),
+            mean_morans_i_smoothed=each(name, 'mean_morans_i_smoothed'),
+            difference_smoothed=_difference(results, name, 'mean_morans_i_smoothed'),
+            percent_selective=each(name, 'percent_selective'),
+            percent_selective_smoothed=each(name, 'percent_selective_smoothed'))) for name, *_ in suites)
     return metrics
 
 def write_results(out, suites, results, tmaps, profiles, cfg):
@@ -1058,16 +940,14 @@ def write_results(out, suites, results, tmaps, profiles, cfg):
                  + '   |   '.join(labels))
         blocks = [(lab, tm[name], r['contrasts'][name]['maps']) for lab, tm, r in zip(labels, tmaps, results)]
         files[f"{name}.png"] = lambda path, blocks=blocks, title=title: plot_contrast(path, blocks, title)
-    files['correlation_distance.png'] = lambda path: plot_profiles(path, list(zip(labels, profiles)),
-                                                                   "response correlation vs grid distance, over all "
-                                                                   "stimuli (unsmoothed)")
+    profile_title = "response correlation vs grid distance, over all stimuli (unsmoothed)"
+    files['correlation_distance.png'] = lambda path: plot_profiles(path, list(zip(labels, profiles)), profile_title)
     metrics = metrics_of(suites, results, cfg)
     files['metrics.json'] = write_json(metrics)
     write_whole(out, files)
     return metrics
 
-# -----------------------------------------------------------------------------
-# Hear the model: what a TopoLM says after a prompt, what a Topoformer puts where it says [MASK]
+# ---- Hear the model: what a TopoLM says after a prompt, what a Topoformer puts where it says [MASK] ----
 
 DEFAULT_PROMPTS = {'topolm': "To be, or not to be", 'topoformer': "To be, or not to [MASK], that is the question."}
 
@@ -1101,14 +981,14 @@ def print_samples(loaded, prompt, enc, cfg, device):
     for (model, info), role in zip(loaded, ['model', 'control']):
         print(f"{role + ':':9s}{say(model, info, prompt, enc, cfg, device)}")
 
-# -----------------------------------------------------------------------------
-# Over training: a folder of snapshots, each analysed, the map forming step by step
+# ---- Over training: a folder of snapshots, each analysed, the map forming step by step ----
 
 def snapshot_files(folder):
     """The snapshots of a folder (step_<iter>.pt, as topo_gpt.py and topoformer.py write them), in step order."""
     files = sorted(f for f in os.listdir(folder) if re.fullmatch(r'step_\d+\.pt', f))
     if not files:
-        raise UsageError(f"{folder} holds no snapshots (step_*.pt): train with --snapshot_iters=log, or give a checkpoint")
+        raise UsageError(f"{folder} holds no snapshots (step_*.pt): train with --snapshot_iters=log, "
+                         f"or give a checkpoint")
     return [os.path.join(folder, f) for f in files]
 
 def plot_over_training(path, entries, control, names):
@@ -1191,8 +1071,9 @@ def analyze_snapshots(folder, cfg, given, suites, rows, texts, enc, device):
     out = cfg['out_dir'] or os.path.join(folder, 'analysis')
     topo_gpt.writable_dir(out)
     snap_cfg = {**cfg, 'n_shuffles': cfg['n_shuffles'] if 'n_shuffles' in given else min(cfg['n_shuffles'], 2)}
-    print(f"{len(paths)} snapshots in {folder}, {snap_cfg['n_shuffles']} label redraws each (--n_shuffles=N for more)")
-    control, control_tmaps = None, None
+    print(f"{len(paths)} snapshots in {folder}, {snap_cfg['n_shuffles']} label redraws each "
+          f"(--n_shuffles=N for more)")
+    control, control_tmaps = None, {}
     if cfg['control']:
         (model, info), = load_models(cfg['control'], {**cfg, 'control': ''}, device)
         print(f"control: {info['checkpoint']}, {describe(info)}", flush=True)
@@ -1209,20 +1090,21 @@ def analyze_snapshots(folder, cfg, given, suites, rows, texts, enc, device):
         raise UsageError("the snapshots and the control are not all the same kind of model")
     names, first = [n for n, *_ in suites], suites[0][0]
     steps = [e['step'] for e in entries]
-    vmax = float(np.percentile(np.abs(np.concatenate([t.ravel() for tm in tmaps + [control_tmaps or {}]
-                                                      for t, _ in tm.get(first, {}).values()])), 99)) or 1.0
-    strip = [tm[first] for tm in tmaps]
+    vmax = _vmax([tm.get(first, {}) for tm in tmaps + [control_tmaps]])
+    strip, control_strip = [tm[first] for tm in tmaps], control_tmaps.get(first)
+    summary = dict(config=cfg, snapshots=folder, control=control, over_training=entries)
     write_whole(out, {'over_training.png': lambda p: plot_over_training(p, entries, control, names),
-                      'over_training_maps.png': lambda p: plot_map_strip(p, steps, strip, (control_tmaps or {}).get(first), first, vmax),
+                      'over_training_maps.png': lambda p: plot_map_strip(p, steps, strip, control_strip, first, vmax),
                       'over_training.gif': lambda p: write_gif(p, steps, strip, entries, first, vmax),
-                      'metrics.json': write_json(dict(config=cfg, snapshots=folder, control=control, over_training=entries))})
+                      'metrics.json': write_json(summary)})
     print(f"\n{'step':>6s} {'val loss':>9s}" + ''.join(f" | {n + ': Moran I (shuffled)':34s}" for n in names))
     for e in entries:
+        cells = [(e['contrasts'][n]['mean_morans_i'], e['contrasts'][n]['mean_morans_i_null']) for n in names]
         print(f"{e['step']:6d} {_fmt((e['losses'] or {}).get('val'), '9.3f')}" + ''.join(
-            f" | {_fmt(e['contrasts'][n]['mean_morans_i']):>6s} ({_fmt(e['contrasts'][n]['mean_morans_i_null']['mean'])}"
-            f" ± {_fmt(e['contrasts'][n]['mean_morans_i_null']['sd'])})".ljust(37) for n in names))
+            f" | {_fmt(moran):>6s} ({_fmt(null['mean'])} ± {_fmt(null['sd'])})".ljust(37) for moran, null in cells))
     if control:
-        print(f"{'control':>16s}" + ''.join(f" | {_fmt(control['contrasts'][n]['mean_morans_i']):>6s}".ljust(37) for n in names))
+        print(f"{'control':>16s}" + ''.join(f" | {_fmt(control['contrasts'][n]['mean_morans_i']):>6s}".ljust(37)
+                                            for n in names))
     print(f"\nwrote {out}/: over_training.png, over_training_maps.png, over_training.gif ({first}), metrics.json")
 
 def main(argv):
@@ -1244,16 +1126,13 @@ def main(argv):
     loaded = load_models(ckpt_path, cfg, device)
     if cfg['sample']:
         return print_samples(loaded, cfg['sample'], enc, cfg, device)
-
-    results, tmaps, profiles = [], [], []
+    analyses = []  # (metrics, t-maps, correlation profiles) of the model and of its control
     for (model, info), role in zip(loaded, ['model', 'control']):
         print(f"{role}: {info['checkpoint']}, {describe(info)}", flush=True)
         if (role == 'model') != info['topographic']:
             print(f"note: the {role} is {'' if info['topographic'] else 'not '}topographic")
-        m, t, p = analyze_model(model, info, suites, rows, texts, enc, cfg, device)
-        results.append(m)
-        tmaps.append(t)
-        profiles.append(p)
+        analyses.append(analyze_model(model, info, suites, rows, texts, enc, cfg, device))
+    results, tmaps, profiles = map(list, zip(*analyses))
     metrics = write_results(out, suites, results, tmaps, profiles, cfg)
     for name, *_ in suites:
         print_table(name, results, cfg)
@@ -1267,4 +1146,5 @@ def main(argv):
     return metrics
 
 if __name__ == '__main__':
-    sys.exit(command(main, sys.argv[1:], interrupted="nothing half-written: out_dir holds the analysis it held before, or this one whole"))
+    sys.exit(command(main, sys.argv[1:],
+                     interrupted="nothing half-written: out_dir holds the analysis it held before, or this one whole"))

@@ -63,7 +63,8 @@ def compare_steps(steps, tokens, dev, rounds=10, block=4):
     medians = {label: float(np.median(t)) for label, t in times.items()}
     for label, (_, flops_per_token) in steps.items():
         s = medians[label]
-        rate = f"mfu {flops_per_token * tokens / s / peak[0]:.1%}" if peak else f"{flops_per_token * tokens / s / 1e9:5.1f} GFLOP/s"
+        flops = flops_per_token * tokens / s
+        rate = f"mfu {flops / peak[0]:.1%}" if peak else f"{flops / 1e9:5.1f} GFLOP/s"
         print(f"{label:34s} {s * 1000:8.1f} ms/step  {tokens / s:9,.0f} tok/s  peak {memory[label]:7,.0f} MiB  {rate}")
     (la, a), (lb, b) = times.items()
     print(f"ratio of the two: {medians[la] / medians[lb]:.3f} (medians), {np.median(np.array(a) / np.array(b)):.3f} "
@@ -152,7 +153,8 @@ def bench_topoformer(argv):
 if __name__ == '__main__':
     benches = {'topo_gpt': (topo_gpt, bench_topo_gpt), 'topoformer': (topoformer, bench_topoformer)}
     if len(sys.argv) < 2 or sys.argv[1] not in benches:
-        print("error: usage: python bench.py topo_gpt|topoformer [--key=value ...] (the model script's keys)", file=sys.stderr)
+        print("error: usage: python bench.py topo_gpt|topoformer [--key=value ...] (the model script's keys)",
+              file=sys.stderr)
         sys.exit(2)
     module, bench = benches[sys.argv[1]]
     sys.exit(module.command(bench, sys.argv[2:]))

@@ -284,7 +284,8 @@ def test_spatial_loss_of_model_uses_the_sampled_windows():
     # pos shared by all windows, or one per window: the same losses
     x = torch.randn(5, 40, 25)
     shared = topo_gpt.row_col(topo_gpt.window_places(12, 3)[0], 12).float()
-    torch.testing.assert_close(spatial_correlation_loss(x, shared), spatial_correlation_loss(x, shared.expand(5, 25, 2)))
+    one_per_window = shared.expand(5, 25, 2)
+    torch.testing.assert_close(spatial_correlation_loss(x, shared), spatial_correlation_loss(x, one_per_window))
 
 def test_the_windows_come_with_the_batch_not_from_the_forward(tiny_data, tmp_path, capsys, monkeypatch):
     # a forward given its windows draws none (on a GPU a draw there waits for the device, and a compiled
@@ -300,7 +301,10 @@ def test_the_windows_come_with_the_batch_not_from_the_forward(tiny_data, tmp_pat
     assert len(calls) == 1
     seen = []
     real_forward = GPT.forward
-    monkeypatch.setattr(GPT, 'forward', lambda self, *a, **k: seen.append(k.get('windows')) or real_forward(self, *a, **k))
+    def forward(self, *a, **k):
+        seen.append(k.get('windows'))
+        return real_forward(self, *a, **k)
+    monkeypatch.setattr(GPT, 'forward', forward)
     assert cli(topo_gpt.main, gpt_run(tiny_data, tmp_path, '--max_iters=2', '--eval_interval=2'), capsys)[0] == 0
     assert seen and all(w is not None and w.shape == (4, 3) and w.dtype == torch.long for w in seen)
 
@@ -563,7 +567,8 @@ def test_ctrl_c_before_the_first_save_says_none_was_saved(tiny_data, tmp_path, c
     assert cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=2', '--eval_interval=2'), capsys)[0] == 0
     monkeypatch.setattr(topo_gpt, 'train_step', interrupted)
     code, _, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--max_iters=4'), capsys)
-    assert_one_line_error(code, err, f"no checkpoint was saved ({out}/ckpt.pt is an earlier run's, intact)", exit_code=130)
+    assert_one_line_error(code, err, f"no checkpoint was saved ({out}/ckpt.pt is an earlier run's, intact)",
+                          exit_code=130)
 
 def test_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / 'out')
@@ -605,7 +610,8 @@ BAD_CONFIG = [('--learning_rate=inf', 'learning_rate=inf: must be finite'), ('--
               ('--gradient_accumulation_steps=0', 'gradient_accumulation_steps'), ('--max_iters=0', 'max_iters'),
               ('--grad_clip=-1', 'grad_clip'), ('--block_size=0', 'block_size'), ('--dropout=1', 'dropout'),
               ('--device=nonsense', 'not a device'), ('--dtype=float16', 'needs a GPU'),
-              ('--dtype=int8', "--dtype: invalid choice: 'int8'"), ('--preset=huge', "--preset: invalid choice: 'huge'"),
+              ('--dtype=int8', "--dtype: invalid choice: 'int8'"),
+              ('--preset=huge', "--preset: invalid choice: 'huge'"),
               ('--n_layr=3', 'unrecognized arguments: --n_layr=3'), ('--batch_size=big', "invalid int value: 'big'"),
               ('--batch_size=1.5', 'invalid int value'), ('--compile=maybe', "invalid boolean value: 'maybe'"),
               ('--seed', '--seed: expected one argument'), ('--snapshot_iters=0,x', 'snapshot_iters'),
@@ -633,7 +639,8 @@ def test_out_dir_that_cannot_be_written_is_one_line(tiny_data, tmp_path, capsys)
 
 def test_checkpoint_without_config_is_one_line(tmp_path, capsys):
     model = GPT(GPTConfig(**TINY))
-    ckpt = topo_gpt.checkpoint_of(model, 1, {}, model.configure_optimizers(0, 1e-3, (0.9, 0.95), 'cpu'), 'cpu', 1.0, 1.0)
+    opt = model.configure_optimizers(0, 1e-3, (0.9, 0.95), 'cpu')
+    ckpt = topo_gpt.checkpoint_of(model, 1, {}, opt, 'cpu', 1.0, 1.0)
     del ckpt['config']
     torch.save(ckpt, tmp_path / 'ckpt.pt')
     code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={tmp_path}'], capsys)
@@ -654,7 +661,8 @@ def test_checkpoints_keep_the_rng_state_of_their_own_device_only(monkeypatch):
     ckpt = topo_gpt.checkpoint_of(model, 1, {}, opt, 'cpu', 1.0, 1.0)
     assert set(ckpt['rng']) == {'torch', 'cuda'} and ckpt['rng']['cuda'] is None
     asked = []
-    monkeypatch.setattr(torch.cuda, 'get_rng_state', lambda device: asked.append(device) or torch.zeros(16, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, 'get_rng_state',
+                        lambda device: asked.append(device) or torch.zeros(16, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda state, device: asked.append(('set', device)))
     ckpt = topo_gpt.checkpoint_of(model, 1, {}, opt, 'cuda:3', 1.0, 1.0)
     assert asked == ['cuda:3'] and ckpt['rng']['cuda'].shape == (16,)
@@ -673,7 +681,8 @@ def test_share_step_keeps_the_tokens_per_step():
         topo_gpt.share_step(3, 5, 2)
 
 def test_precision_picks_the_dtype_its_autocast_and_scaler(monkeypatch):
-    native = any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+    native = any(getattr(torch.cpu, f, lambda: False)()
+                 for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
     dtype, ctx, scaler = topo_gpt.precision('auto', 'cpu')
     assert dtype == ('bfloat16' if native else 'float32') and not scaler.is_enabled()
     assert topo_gpt.precision('auto', 'mps')[0] == 'float32'
@@ -684,7 +693,8 @@ def test_precision_picks_the_dtype_its_autocast_and_scaler(monkeypatch):
     asked = []
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: asked.append(
         including_emulation) or including_emulation)
-    monkeypatch.setattr(torch.amp, 'GradScaler', lambda device, enabled: SimpleNamespace(device=device, enabled=enabled))
+    monkeypatch.setattr(torch.amp, 'GradScaler',
+                        lambda device, enabled: SimpleNamespace(device=device, enabled=enabled))
     dtype, ctx, scaler = topo_gpt.precision('auto', 'cuda:0')
     assert asked == [False] and dtype == 'float16' and scaler.enabled and scaler.device == 'cuda'
     assert not torch.backends.cuda.matmul.allow_tf32  # TF32 off: the spatial loss's float32 products stay float32
@@ -697,7 +707,8 @@ def test_devices_under_torchrun_are_one_clear_line(monkeypatch):
     # cuda:N under torchrun would put every process on one GPU; a process beyond the machine's GPUs has none
     for k, v in (('RANK', '1'), ('WORLD_SIZE', '2'), ('LOCAL_RANK', '1'), ('LOCAL_WORLD_SIZE', '2')):
         monkeypatch.setenv(k, v)
-    with pytest.raises(UsageError, match=r'--device=cuda:0 puts all 2 processes on one GPU; under torchrun use --device=cuda'):
+    with pytest.raises(UsageError, match=r'--device=cuda:0 puts all 2 processes on one GPU; under torchrun use '
+                                         r'--device=cuda'):
         topo_gpt.start_processes('cuda:0')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
@@ -1159,7 +1170,8 @@ def test_topoformer_config_presets_and_task_defaults():
 
 @pytest.mark.parametrize('arg, words', [c for c in BAD_CONFIG if 'snapshot' not in c[0]][:-3] + [
     ('--n_embd=250', 'perfect square'), ('--sq=0', '--sq=0.0: must be finite and 0 < x <= 1'),
-    ('--sr=1.5', 'sr=1.5'), ('--task=translate', "--task: invalid choice: 'translate'"), ('--ffn_size=101', 'must be even')])
+    ('--sr=1.5', 'sr=1.5'), ('--task=translate', "--task: invalid choice: 'translate'"),
+    ('--ffn_size=101', 'must be even')])
 def test_topoformer_bad_config_is_one_line(arg, words, mlm_data, tmp_path, capsys):
     code, _, err = cli(tf.main, [f'--data_dir={mlm_data}', '--dataset=tiny', f'--out_dir={tmp_path}', '--max_iters=1',
                                  arg], capsys)
@@ -1192,7 +1204,8 @@ def test_topoformer_bench_compares_with_the_control(capsys):
 
 def test_topoformer_compile_runs_a_step(mlm_data, tmp_path, capsys):
     code, out, err = cli(tf.main, [*TF_TINY_CLI, f'--data_dir={mlm_data}', '--dataset=tiny', f'--out_dir={tmp_path}',
-                                   '--compile', '--n_layer=1', '--max_iters=2', '--eval_interval=2', '--log_interval=1'],
+                                   '--compile', '--n_layer=1', '--max_iters=2', '--eval_interval=2',
+                                   '--log_interval=1'],
                          capsys)
     assert code == 0, err[-3000:]
     assert math.isfinite(float(out.split('iter 2: loss ')[1].split(',')[0]))
@@ -1549,15 +1562,17 @@ def save_topolm(path, alpha, seed, block_size=64):
     torch.manual_seed(seed)
     args = dict(n_layer=2, n_head=2, n_embd=64, block_size=block_size, radius=3, alpha=alpha, seed=seed)
     model = topo_gpt.GPT(topo_gpt.GPTConfig(**args))
-    topo_gpt.save_checkpoint(str(path), topo_gpt.checkpoint_of(model, 0, {**topo_gpt.DEFAULTS, **args}, torch.optim.AdamW(
-        model.parameters()), 'cpu', float('inf'), None), '')
+    opt = torch.optim.AdamW(model.parameters())
+    topo_gpt.save_checkpoint(str(path), topo_gpt.checkpoint_of(model, 0, {**topo_gpt.DEFAULTS, **args}, opt, 'cpu',
+                                                               float('inf'), None), '')
 
 def save_topoformer(path, s):
     torch.manual_seed(0)
     args = dict(n_layer=1, n_head=1, n_embd=64, ffn_size=128, block_size=64, sq=s, sr=s)
     model = tf.Topoformer(tf.TopoformerConfig(**args))
-    tf.save_checkpoint(str(path), tf.checkpoint_of(model, 0, {**tf.DEFAULTS, **args}, torch.optim.AdamW(model.parameters()),
-                                                   'cpu', float('inf'), None), '')
+    opt = torch.optim.AdamW(model.parameters())
+    tf.save_checkpoint(str(path), tf.checkpoint_of(model, 0, {**tf.DEFAULTS, **args}, opt, 'cpu', float('inf'), None),
+                       '')
 
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
@@ -2036,7 +2051,8 @@ def test_missing_tokenizer_is_one_line(ckpts, monkeypatch, capsys, tmp_path):
     ("condition,text\na,hello there\na,hello there\nb,good day\nb,good day\n", ["'a'", '1 different']),
     ("", ['condition,text']),
     ("condition,text\na,the cat\na,the dog\nb,the dog\nb,the cat\n", ['same texts']),
-    ("condition,text\na,un caf\u00e9\na,the dog\nb,the cow\nb,the cat\n".encode('latin-1'), ['not UTF-8', 'save it as UTF-8']),
+    ("condition,text\na,un caf\u00e9\na,the dog\nb,the cow\nb,the cat\n".encode('latin-1'),
+     ['not UTF-8', 'save it as UTF-8']),
 ])
 def test_bad_stimuli_csv(content, words, tmp_path):
     path = tmp_path / 'stim.csv'
@@ -2117,7 +2133,8 @@ def test_pipeline_topolm_with_control(ckpts, enc, capsys, tmp_path):
     comp = m['comparison']['language']
     assert 'ratio' not in comp
     assert comp['difference'] == pytest.approx(comp['mean_morans_i'][0] - comp['mean_morans_i'][1])
-    assert comp['difference_smoothed'] == pytest.approx(comp['mean_morans_i_smoothed'][0] - comp['mean_morans_i_smoothed'][1])
+    smoothed = comp['mean_morans_i_smoothed']
+    assert comp['difference_smoothed'] == pytest.approx(smoothed[0] - smoothed[1])
     assert len(m['model']['correlation_profile']['h.1.mlp']['distance']) == 7
 
 def test_a_full_disk_while_writing_the_analysis_is_one_line(ckpts, enc, capsys, tmp_path, monkeypatch):
@@ -2163,7 +2180,8 @@ def test_one_colour_scale_set_by_the_99th_percentile_of_both_models(monkeypatch,
     mm = {'h.0.attn': dict(morans_i=0.5, morans_i_smoothed=None)}
     analyze.plot_contrast(str(tmp_path / 'x.png'), [('model: a', model, mm), ('control: b', control, mm)], 'title')
     both = np.abs(np.concatenate([model['h.0.attn'][0].ravel(), control['h.0.attn'][0].ravel()]))
-    assert seen['vmax'] == pytest.approx(np.percentile(both, 99)) and seen['vmax'] < 20 and seen['vmin'] == -seen['vmax']
+    assert seen['vmax'] == pytest.approx(np.percentile(both, 99)) and seen['vmax'] < 20
+    assert seen['vmin'] == -seen['vmax']
 
 def test_samples_of_both_models_and_their_bad_prompts(ckpts, enc, capsys, tmp_path):
     # --sample prints what the model says beside its control, each line starting with the prompt; the default
@@ -2247,8 +2265,8 @@ def test_snapshots_are_written_at_the_steps_asked_and_load(tiny_data, tmp_path, 
     code, _, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=8', '--snapshot_iters=3,8'], capsys)
     assert code == 0, err
     assert sorted(os.listdir(out / 'snapshots'))[-1] == 'step_000008.pt'
-    code, _, err = cli(tf.main, [*TF_TINY_CLI, f'--data_dir={tiny_data}', '--dataset=tiny', f'--out_dir={tmp_path / "tf"}',
-                                 '--max_iters=2', '--snapshot_iters=log'], capsys)
+    code, _, err = cli(tf.main, [*TF_TINY_CLI, f'--data_dir={tiny_data}', '--dataset=tiny',
+                                 f'--out_dir={tmp_path / "tf"}', '--max_iters=2', '--snapshot_iters=log'], capsys)
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / 'tf' / 'snapshots')) == ['step_000000.pt', 'step_000002.pt']
     assert Topoformer.from_checkpoint(str(tmp_path / 'tf' / 'snapshots' / 'step_000002.pt')).config.n_embd == 64
@@ -2256,8 +2274,8 @@ def test_snapshots_are_written_at_the_steps_asked_and_load(tiny_data, tmp_path, 
 def test_the_analysis_of_a_folder_of_snapshots(tiny_data, ckpts, enc, tmp_path, capsys):
     from PIL import Image
     out = tmp_path / 'run'
-    code, _, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--block_size=64', '--max_iters=60', '--eval_interval=100',
-                                              '--snapshot_iters=log'), capsys)
+    code, _, err = cli(topo_gpt.main, gpt_run(tiny_data, out, '--block_size=64', '--max_iters=60',
+                                              '--eval_interval=100', '--snapshot_iters=log'), capsys)
     assert code == 0, err
     metrics = analyze.main([str(out / 'snapshots'), f'--control={ckpts / "topolm_control.pt"}',
                             '--contrasts=language,noun_verb'])
@@ -2271,8 +2289,8 @@ def test_the_analysis_of_a_folder_of_snapshots(tiny_data, ckpts, enc, tmp_path, 
     assert gif.n_frames == 4  # the maps at steps 0, 25, ... as an animation
     m = json.loads((folder / 'metrics.json').read_text())
     assert [e['step'] for e in m['over_training']] == [0, 25, 50, 60]
-    single = analyze.main([str(out / 'snapshots' / 'step_000060.pt'), '--contrasts=language,noun_verb', '--n_shuffles=2',
-                           f'--out_dir={tmp_path / "one"}'])
+    single = analyze.main([str(out / 'snapshots' / 'step_000060.pt'), '--contrasts=language,noun_verb',
+                           '--n_shuffles=2', f'--out_dir={tmp_path / "one"}'])
     capsys.readouterr()
     last = m['over_training'][-1]
     assert set(last['contrasts']['language']) == set(single['model']['contrasts']['language'])  # the same keys
@@ -2297,7 +2315,8 @@ def test_analyze_an_official_checkpoint(ckpts, enc, capsys, tmp_path):
                                 '--contrasts=language,noun_verb', '--n_shuffles=1', f'--out_dir={tmp_path / "a"}'],
                                capsys)
     assert metrics['model']['official'] and metrics['model']['model_type'] == 'topolm'
-    assert metrics['model']['grid'] == [8, 8] and metrics['model']['maps'] == ['h.0.attn', 'h.0.mlp', 'h.1.attn', 'h.1.mlp']
+    assert metrics['model']['grid'] == [8, 8]
+    assert metrics['model']['maps'] == ['h.0.attn', 'h.0.mlp', 'h.1.attn', 'h.1.mlp']
     assert 'model: TopoLM, official (topographic)' in stdout
     for f in ('language.png', 'noun_verb.png', 'correlation_distance.png', 'metrics.json'):
         assert (tmp_path / 'a' / f).stat().st_size > 100
@@ -2310,7 +2329,8 @@ def test_analyze_an_official_checkpoint(ckpts, enc, capsys, tmp_path):
 @needs_official
 def test_official_checkpoint_without_its_positions_is_one_line(enc, tmp_path, capsys):
     ckpt = os.path.join(OFFICIAL, 'ckpt.pt')
-    code = topo_gpt.command(analyze.main, [ckpt, f'--positions={tmp_path / "nowhere"}', f'--out_dir={tmp_path / "out"}'])
+    code = topo_gpt.command(analyze.main, [ckpt, f'--positions={tmp_path / "nowhere"}',
+                                           f'--out_dir={tmp_path / "out"}'])
     assert_one_line_error(code, capsys.readouterr().err, 'no unit positions', '--positions=DIR')
     # a copy of the checkpoint whose position_dir is not beside it
     os.symlink(ckpt, tmp_path / 'ckpt.pt')
@@ -2324,10 +2344,10 @@ def test_official_checkpoint_without_its_positions_is_one_line(enc, tmp_path, ca
 # Each script is self-contained, so the plumbing is written out in both model scripts (and the config and
 # signal handling in prepare_data.py too): these copies must stay identical, to the character.
 SHARED_CODE = {
-    'topoformer.py': ['UsageError', 'parse_config', 'boolean', 'start_processes', 'precision', 'share_step', 'to_device',
-                      'keep_freed_memory', 'check_schedule', 'signals_deferred', 'save_checkpoint', 'checkpoint_of',
-                      'last_checkpoint', 'load_checkpoint', 'set_rng_state', 'resume_config', 'writable_dir', 'command',
-                      'get_lr', 'train_step', 'open_split'],
+    'topoformer.py': ['UsageError', 'parse_config', 'boolean', 'start_processes', 'precision', 'share_step',
+                      'to_device', 'keep_freed_memory', 'check_schedule', 'signals_deferred', 'save_checkpoint',
+                      'checkpoint_of', 'last_checkpoint', 'load_checkpoint', 'set_rng_state', 'resume_config',
+                      'writable_dir', 'command', 'get_lr', 'train_step', 'open_split'],
     'prepare_data.py': ['UsageError', 'parse_config', 'boolean', 'signals_deferred', 'command'],
 }
 # written differently on purpose: what each model computes, reports and loads
@@ -2344,7 +2364,8 @@ def test_shared_code_is_identical_in_every_copy():
     def top_level(module):
         return {n for n, v in vars(module).items() if inspect.isfunction(v) and v.__module__ == module.__name__}
     both = top_level(topo_gpt) & top_level(tf)
-    assert both <= set(SHARED_CODE['topoformer.py']) | set(DIFFERENT_BY_DESIGN), both - set(SHARED_CODE['topoformer.py'])
+    shared = set(SHARED_CODE['topoformer.py'])
+    assert both <= shared | set(DIFFERENT_BY_DESIGN), both - shared
 
 def test_each_model_file_reads_in_nanogpts_order():
     # docstring, config, the science (its first line early), data, the loop's functions, main(), then the plumbing
