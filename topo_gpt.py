@@ -478,14 +478,15 @@ def main(argv):
     if master:
         print(f"TopoLM: {model.get_num_params() / 1e6:.2f}M parameters, {cfg['n_layer']} layers, {M} maps of {side}x"
               f"{side} units, alpha={cfg['alpha']}, radius={cfg['radius']}, {K} neighbourhoods/map\ndevice {dev}, "
-              f"{dtype}, {world} process(es) of {accum} x {B} sequences, {tokens_per_iter:,} tokens per iteration")
+              f"{dtype}, {world} process(es) of {accum} x {B} sequences, {tokens_per_iter:,} tokens per iteration"
+              + "\ncompiling the model... (under a minute on a CPU, during the first steps)" * cfg['compile'])
     if master and 'cuda' in dev and dtype == 'float32' and hs % 4:  # (neither flash nor memory-efficient attention)
         print(f"note: in float32, CUDA attention on heads of {hs} units stores every score: "
               f"{B * cfg['n_head'] * cfg['n_layer'] * cfg['block_size'] ** 2 * 4 / 1e9:.0f} GB a micro-batch")
     raw_model = model
     if ddp:  # DDP, then compile, as PyTorch documents: the all-reduce then overlaps the compiled backward
         model = DDP(model, device_ids=[dev] if dev.startswith('cuda') else None, broadcast_buffers=False)
-    if cfg['compile']:  # (the first steps compile: under a minute on a CPU)
+    if cfg['compile']:
         warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\._inductor')  # its internals
         model = torch.compile(model)
     start_iter, saved = iter_num, (iter_num if cfg['resume'] else None)  # saved: the step ckpt.pt holds

@@ -172,8 +172,8 @@ class SpatialSelfAttention(nn.Module):
         self.c_dense = nn.Linear(D, D, bias=False) if config.dense_proj else None  # the official BERT's dense
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.sr_nonneg = config.n_head, config.sr_nonneg
-        # SQ: the disc matrix, normalised to unit Frobenius norm as in the official code; sq = 1: no pooling at all.
-        # (The official control normalises an all-ones M instead: every query becomes the mean query; README.)
+        # SQ: the disc matrix, normalised to unit Frobenius norm as in the official code; sq = 1: no pooling at all
+        # (the official control normalises an all-ones M: every query becomes the mean query; docs/deviations.md)
         M = disc_mask(side, config.sq, config.wrap) if config.sq < 1 else None
         M = None if M is None else M / M.norm()
         self.register_buffer('sq_matrix', M, persistent=False)  # (D, D), symmetric
