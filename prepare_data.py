@@ -427,7 +427,7 @@ def command(main, argv, interrupted=''):
         if not rank:
             raise
         # under torchrun, when the first process stops (it says why), the others' collective calls fail
-        print(f"error: process {rank} stopped: {(str(e).splitlines() or [type(e).__name__])[0][:160]}", file=sys.stderr)
+        print(f"error: process {rank} stopped: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 1
 
 

@@ -1,6 +1,6 @@
 """
 Tests for topo-lm, in the order of the files they test: topo_gpt.py, topoformer.py, prepare_data.py,
-analyze.py, then what holds the house together (the shared code, the README). Run:
+analyze.py, bench.py, then what holds the house together (the shared code, the README and docs/). Run:
 
     python -m pytest -q test_topo.py
 
