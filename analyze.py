@@ -18,7 +18,7 @@ units touch by chance). A folder of snapshots (--snapshot_iters) is analysed at 
     python analyze.py out/ckpt.pt --control=out_control/ckpt.pt    # writes out/analysis/
     python analyze.py out/ckpt.pt --contrasts=language,noun_verb --fwhm=0
     python analyze.py out/ckpt.pt --stimuli=my_contrast.csv        # columns condition,text; 2 conditions
-    python analyze.py official.pt --positions=gpt2-positions-5-5   # a published TopoLM checkpoint
+    python analyze.py official.pt --positions=DIR                  # a checkpoint of the official TopoLM code
     python analyze.py out/snapshots/ --control=out_control/ckpt.pt # over training: out/snapshots/analysis/
     python analyze.py out/ckpt.pt --control=out_control/ckpt.pt --sample="To be, or not to be"
 
@@ -41,7 +41,7 @@ over_training.gif and metrics.json with the list over_training.
 
 import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads, as in the model scripts
-import re, sys, csv, json, math, time, random, textwrap, itertools
+import re, sys, csv, json, math, time, random, pathlib, textwrap, itertools
 from collections import OrderedDict, defaultdict, deque
 
 import numpy as np
@@ -326,6 +326,11 @@ def load_model(path, positions_dir, device):
     except (KeyError, TypeError, RuntimeError) as e:  # weights that do not fit the model their config describes
         raise UsageError(f"{path}: its weights do not fit the model its config describes ({type(e).__name__}); a "
                          f"file of another version of the script?") from None
+    try:  # (the published TopoLM's places put some units on one cell: fail now, not after the long work)
+        [to_lattice(model.positions(m).cpu().numpy()) for m in model.map_names]
+    except ValueError as e:
+        raise UsageError(f"{path}: {e}, as in the published TopoLM's places; analyze.py draws one unit per "
+                         f"cell") from None
     config = model.config  # the control: sq = sr = 1 (Topoformer), alpha = 0 (TopoLM)
     topographic = (config.sq < 1 or config.sr < 1) if kind == 'topoformer' else config.alpha > 0
     return model, dict(checkpoint=path, model_type=kind or 'topolm', official=official, topographic=topographic,
@@ -392,8 +397,9 @@ def to_lattice(positions):
     if pos.ndim != 2 or pos.shape[1] != 2 or not np.array_equal(lattice, pos) or lattice.min() < 0:
         raise ValueError("unit positions must be (D, 2) integer lattice coordinates (row, col) >= 0")
     H, W = lattice.max(0) + 1
-    if H * W != len(pos) or len(np.unique(lattice[:, 0] * W + lattice[:, 1])) != len(pos):
-        raise ValueError(f"the {len(pos)} unit positions do not tile a regular grid")
+    cells = len(np.unique(lattice[:, 0] * W + lattice[:, 1]))
+    if H * W != len(pos) or cells != len(pos):
+        raise ValueError(f"the {len(pos)} units take {cells} of the {H * W} cells of a {H} x {W} grid, not one each")
     return lattice, (int(H), int(W))
 
 def to_grid(values, positions):
@@ -790,11 +796,8 @@ def print_table(name, results, cfg):
         line = f"{m:10s}"
         for r in results:
             c = r['contrasts'][name]
-            v = c if m == 'mean' else c['maps'].get(m)
-            if v is None:  # a control with other maps
-                line += ' |'
-            else:
-                line += ' | ' + ' '.join(f"{x:>{w}s}" for x, (_, w) in zip(_cells(v), _COLUMNS))
+            v = c if m == 'mean' else c['maps'].get(m)  # (None: a control with other maps)
+            line += ' |' if v is None else ' | ' + ' '.join(f"{x:>{w}s}" for x, (_, w) in zip(_cells(v), _COLUMNS))
         print(line.rstrip())
     if len(results) == 2:
         d = [_difference(results, name, k) for k in ('mean_morans_i', 'mean_morans_i_smoothed')]
@@ -910,10 +913,7 @@ def write_whole(out, files):
                 os.remove(path)
 
 def write_json(data):
-    def write(path):
-        with open(path, 'w') as f:
-            json.dump(_json_ready(data), f, indent=1)
-    return write
+    return lambda path: pathlib.Path(path).write_text(json.dumps(_json_ready(data), indent=1))
 
 def metrics_of(suites, results, cfg):
     """metrics.json of one analysis: the config, the model's and the control's results, and their comparison."""
@@ -999,26 +999,24 @@ def plot_over_training(path, entries, control, names):
     steps = [e['step'] for e in entries]
     for ax, name in zip(axes[0], names):
         c = [e['contrasts'][name] for e in entries]
-        i = np.array([_nan(x['mean_morans_i']) for x in c])
-        null = np.array([[_nan(x['mean_morans_i_null']['mean']), _nan(x['mean_morans_i_null']['sd'])] for x in c])
+        i = np.array([x['mean_morans_i'] for x in c], float)  # (a None, where nothing could be computed: NaN)
+        null = np.array([[x['mean_morans_i_null']['mean'], x['mean_morans_i_null']['sd']] for x in c], float)
         ax.fill_between(steps, null[:, 0] - null[:, 1], null[:, 0] + null[:, 1], color='grey', alpha=0.3)
         ax.plot(steps, null[:, 0], color='grey', lw=1, label='shuffled labels (mean ± sd)')
         ax.plot(steps, i, 'o-', color='C3', label='model')
         if control is not None:
-            ax.axhline(_nan(control['contrasts'][name]['mean_morans_i']), color='C0', ls='--', label='control')
+            ax.axhline(float(np.array(control['contrasts'][name]['mean_morans_i'], float)), color='C0', ls='--',
+                       label='control')
         ax.set_xscale('symlog', linthresh=max([1] + [s for s in steps if s > 0][:1]))  # log steps, 0 included
         ax.set_xticks(steps, [str(s) for s in steps], fontsize=7)
         ax.set(xlabel='training step', ylabel="mean Moran's I of the t-maps", title=name)
         loss = ax.twinx()
-        loss.plot(steps, [_nan((e['losses'] or {}).get('val')) for e in entries], ':', color='k', lw=1)
+        loss.plot(steps, np.array([(e['losses'] or {}).get('val') for e in entries], float), ':', color='k', lw=1)
         loss.set_ylabel('validation loss (dotted)')
         ax.legend(fontsize=7, loc='upper left')
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-def _nan(x):
-    return np.nan if x is None else x
 
 def plot_map_strip(path, steps, tmaps, control_tmaps, name, vmax):
     """One contrast's t-map of every map (rows) at every step (columns), the control's last, on one colour scale."""
@@ -1073,21 +1071,22 @@ def analyze_snapshots(folder, cfg, given, suites, rows, texts, enc, device):
     snap_cfg = {**cfg, 'n_shuffles': cfg['n_shuffles'] if 'n_shuffles' in given else min(cfg['n_shuffles'], 2)}
     print(f"{len(paths)} snapshots in {folder}, {snap_cfg['n_shuffles']} label redraws each "
           f"(--n_shuffles=N for more)")
+    # every file read before any long work: a damaged snapshot or a control of another kind fails here
+    one = lambda path: load_models(path, {**cfg, 'control': ''}, device)[0]
+    if len({one(p)[1]['model_type'] for p in [cfg['control']] * bool(cfg['control']) + paths}) > 1:
+        raise UsageError("the snapshots and the control are not all the same kind of model")
     control, control_tmaps = None, {}
     if cfg['control']:
-        (model, info), = load_models(cfg['control'], {**cfg, 'control': ''}, device)
+        model, info = one(cfg['control'])
         print(f"control: {info['checkpoint']}, {describe(info)}", flush=True)
         control, control_tmaps, _ = analyze_model(model, info, suites, rows, texts, enc, cfg, device)
-    entries, tmaps, kinds = [], [], set()
+    entries, tmaps = [], []
     for path in paths:
-        (model, info), = load_models(path, {**cfg, 'control': ''}, device)
-        kinds.add(info['model_type'])
+        model, info = one(path)
         print(f"step {info['step']}: {path}", flush=True)
         metrics, t, _ = analyze_model(model, info, suites, rows, texts, enc, snap_cfg, device)
         entries.append(dict(step=info['step'], checkpoint=path, losses=info['losses'], contrasts=metrics['contrasts']))
         tmaps.append(t)
-    if len(kinds | ({control['model_type']} if control else set())) > 1:
-        raise UsageError("the snapshots and the control are not all the same kind of model")
     names, first = [n for n, *_ in suites], suites[0][0]
     steps = [e['step'] for e in entries]
     vmax = _vmax([tm.get(first, {}) for tm in tmaps + [control_tmaps]])

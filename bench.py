@@ -152,9 +152,12 @@ def bench_topoformer(argv):
 
 if __name__ == '__main__':
     benches = {'topo_gpt': (topo_gpt, bench_topo_gpt), 'topoformer': (topoformer, bench_topoformer)}
+    if sys.argv[1:2] in (['-h'], ['--help']):
+        print(__doc__)
+        sys.exit(0)
     if len(sys.argv) < 2 or sys.argv[1] not in benches:
-        print("error: usage: python bench.py topo_gpt|topoformer [--key=value ...] (the model script's keys)",
-              file=sys.stderr)
+        print("error: usage: python bench.py topo_gpt|topoformer [--key=value ...] (the model script's keys; "
+              "--help)", file=sys.stderr)
         sys.exit(2)
     module, bench = benches[sys.argv[1]]
     sys.exit(module.command(bench, sys.argv[2:]))

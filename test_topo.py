@@ -436,6 +436,27 @@ def test_official_positions_of_another_size_are_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r'positions of another model size'):
         GPT.from_official(os.path.join(folder, 'ckpt.pt'), str(tmp_path))
 
+def shared_cell_positions(folder):
+    """The fixture's position pickles, but unit 1 of every map on unit 0's cell and its own cell empty, as some
+    units are in the published places (gpt2-positions-5-5): -> {official map name: coordinates}"""
+    import types
+    coords = {}
+    for name in ('layer.0.attn', 'layer.0.mlp', 'layer.1.attn', 'layer.1.mlp'):
+        layer = topo_gpt.read_pickled(os.path.join(OFFICIAL, 'gpt2-positions-3-5', f'{name}.pkl')).__dict__
+        c = coords[name] = torch.as_tensor(layer['coordinates']).clone()
+        c[1] = c[0]
+        with open(os.path.join(folder, f'{name}.pkl'), 'wb') as f:
+            pickle.dump(types.SimpleNamespace(**{**layer, 'coordinates': c}), f)
+    return coords
+
+def test_official_positions_with_shared_cells_load(tmp_path):
+    # the model loads with the published places as they are, some units sharing a cell
+    folder = needs_shared(OFFICIAL)
+    coords = shared_cell_positions(tmp_path)
+    model = GPT.from_official(os.path.join(folder, 'ckpt.pt'), str(tmp_path))
+    for name, c in coords.items():
+        assert torch.equal(model.positions('h.' + name.split('.', 1)[1]), c.float())
+
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_resume_is_bit_exact(tiny_data, tmp_path, capsys, dtype):
     args = lambda out, n: gpt_run(tiny_data, out, '--eval_interval=3', '--dropout=0.1', '--lr_decay_iters=8',
@@ -452,6 +473,19 @@ def test_resume_is_bit_exact(tiny_data, tmp_path, capsys, dtype):
     for k, v in ca['model'].items():
         assert torch.equal(v, cb['model'][k]), k
     assert ca['best_val_loss'] == cb['best_val_loss']
+
+def test_resume_keeps_the_fp16_scalers_state(tiny_data, tmp_path, capsys, monkeypatch):
+    # fp16's gradient scaler (here on the CPU, in float32 compute) grows its scale every 2 steps: a resumed run
+    # goes on from the scale the run had reached, as the uninterrupted run does
+    monkeypatch.setattr(topo_gpt, 'precision', lambda name, dev: (
+        'float32', nullcontext(), torch.amp.GradScaler('cpu', init_scale=2.0 ** 8, growth_interval=2)))
+    args = lambda out, n: gpt_run(tiny_data, out, '--eval_interval=3', f'--max_iters={n}')
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    assert cli(topo_gpt.main, args(a, 6), capsys)[0] == 0
+    assert cli(topo_gpt.main, args(b, 3), capsys)[0] == 0
+    assert cli(topo_gpt.main, ['--resume', '--max_iters=6', f'--out_dir={b}'], capsys)[0] == 0
+    ca, cb = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=False) for d in (a, b))
+    assert ca['scaler']['scale'] == cb['scaler']['scale'] == 2.0 ** 11 and ca['scaler'] == cb['scaler']
 
 def test_resume_keeps_the_checkpoints_model(tiny_data, tmp_path, capsys):
     out = str(tmp_path / 'out')
@@ -476,6 +510,10 @@ def test_resume_says_what_a_new_schedule_does(tiny_data, tmp_path, capsys):
     assert new != old
     assert (f"note: --max_iters=12 (the run had 10): the learning rate follows the new schedule, {new:.2e} at step "
             f"10 instead of {old:.2e}") in stdout
+    # keys that leave the schedule as it was (the decay ends at step 12; after it, min_lr): no note
+    code, stdout, err = cli(topo_gpt.main, ['--resume', f'--out_dir={out}', '--max_iters=14', '--lr_decay_iters=12'],
+                            capsys)
+    assert code == 0 and 'resuming from step 12' in stdout and 'note:' not in stdout, err
 
 def test_divergence_never_replaces_a_good_checkpoint(tiny_data, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / 'out')
@@ -620,6 +658,7 @@ BAD_CONFIG = [('--learning_rate=inf', 'learning_rate=inf: must be finite'), ('--
 
 @pytest.mark.parametrize('arg, words', BAD_CONFIG + [
     ('--alpha=-1', 'alpha'), ('--alpha=nan', 'alpha'), ('--alpha=inf', 'alpha=inf: must be finite'),
+    ('--radius=1', 'radius=1: must be finite and x >= 2'),  # a 1 x 1 window has no pairs
     ('--n_neighborhoods=0', 'n_neighborhoods'),
     ('--device=cuda', 'not a device' if not torch.cuda.is_available() else 'n/a')])
 def test_topolm_bad_config_is_one_line(arg, words, tiny_data, tmp_path, capsys):
@@ -746,6 +785,41 @@ def test_compile_runs_steps(tiny_data, tmp_path, capsys):
                                                  '--eval_interval=2'), capsys)
     assert code == 0, err[-3000:]
     assert 'iter 2: loss' in out and os.path.exists(tmp_path / 'ckpt.pt')
+
+@pytest.mark.parametrize('module', ['topo_gpt', 'topoformer'])
+def test_ddp_all_reduces_once_a_step_compiled_too(module, tmp_path):
+    # accumulating micro-batches under DDP: one all-reduce of the gradients a step, after the last micro-batch;
+    # compiled (the DDP inside the compiled module) as well as eager. One process, a comm hook that counts
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    m = tf if module == 'topoformer' else topo_gpt
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=0, world_size=1)
+    try:
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            if m is tf:
+                model = tf.Topoformer(tf.TopoformerConfig(n_layer=1, n_embd=16, ffn_size=32, block_size=8))
+                x, y = tf.mask_tokens(torch.randint(0, 100, (2, 8)))
+                kw = dict(picked=(y.view(-1) != tf.IGNORE_INDEX).nonzero().squeeze(1))
+            else:
+                model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=8, vocab_size=64, radius=2,
+                                      n_neighborhoods=1))
+                x = y = torch.randint(0, 64, (2, 8))
+                kw = dict(windows=topo_gpt.sample_neighborhoods(2, len(model.window_places), 1))
+            ddp, calls = DDP(model, broadcast_buffers=False), []
+            def count(state, bucket):
+                calls.append(1)
+                done = torch.futures.Future()
+                done.set_result(bucket.buffer())
+                return done
+            ddp.register_comm_hook(None, count)
+            step = torch.compile(ddp, backend='eager') if compiled else ddp
+            opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+            m.train_step(step, opt, torch.amp.GradScaler('cpu', enabled=False), nullcontext(),
+                         lambda: (x, y, kw), 4, 1.0)
+            assert len(calls) == 1, (compiled, len(calls))
+    finally:
+        dist.destroy_process_group()
 
 def test_torchrun_shares_the_step_and_resumes(tiny_data, tmp_path, capsys):
     # the defaults (one micro-batch of 4) on 2 processes: each runs 1 x 2 sequences, 128 tokens a step
@@ -2325,6 +2399,16 @@ def test_analyze_an_official_checkpoint(ckpts, enc, capsys, tmp_path):
                            f'--out_dir={tmp_path / "b"}'], capsys)
     assert metrics['control']['official'] and metrics['comparison']['language']['difference'] == 0
     assert (tmp_path / 'b' / 'language.png').exists()
+
+@needs_official
+def test_official_places_that_share_cells_are_one_line(enc, tmp_path, capsys):
+    # analyze.py draws one unit per cell: it says so before any work, and writes nothing
+    (tmp_path / 'pos').mkdir()
+    shared_cell_positions(tmp_path / 'pos')
+    code = topo_gpt.command(analyze.main, [os.path.join(OFFICIAL, 'ckpt.pt'), f'--positions={tmp_path / "pos"}',
+                                           f'--out_dir={tmp_path / "out"}'])
+    assert_one_line_error(code, capsys.readouterr().err, 'units take 63 of the 64 cells', 'one unit per cell')
+    assert not (tmp_path / 'out').exists()
 
 @needs_official
 def test_official_checkpoint_without_its_positions_is_one_line(enc, tmp_path, capsys):

@@ -57,7 +57,7 @@ dropout = 0.0  # 0 <= x < 1: dropout probability
 bias = False  # biases in the Linears and LayerNorms
 # topography (Rathi et al. 2025)
 alpha = 2.5  # x >= 0: weight of the spatial loss; 0 = the non-topographic control
-radius = 5  # x >= 1: neighbourhoods are windows of side 2*radius-1 (5: 9 x 9 = 81 units)
+radius = 5  # x >= 2: neighbourhoods are windows of side 2*radius-1 (5: 9 x 9 = 81 units)
 n_neighborhoods = 5  # x >= 1: windows drawn per map per step
 residual_maps = False  # the maps are the sublayer outputs (False, the paper) or the residual stream (True)
 # AdamW
@@ -138,7 +138,7 @@ def row_col(place, side):
 
 def grid_of(unit_pos, side):
     """The inverse of unit_pos (n_maps, side*side, 2): grid (n_maps, side, side), the unit at each place."""
-    return (unit_pos[..., 0] * side + unit_pos[..., 1]).argsort(dim=1).view(-1, side, side)
+    return (unit_pos[..., 0] * side + unit_pos[..., 1]).argsort(dim=1, stable=True).view(-1, side, side)
 
 def window_places(side, radius):
     """Every square window of side w = 2 radius - 1 wholly inside the lattice, as the official code lists them:
@@ -177,7 +177,7 @@ class GPTConfig:
     block_size: int = 1024
     vocab_size: int = 50304  # GPT-2's 50257 tokens, padded up to a multiple of 64 for speed
     n_layer: int = 12
-    n_head: int = 12
+    n_head: int = 16
     n_embd: int = 784  # side * side units per map
     dropout: float = 0.0
     bias: bool = True
@@ -200,7 +200,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
-        # q, k, v: (B, nh, T, hs); flash attention where the device has it
+        # q, k, v: (B, nh, T, hs); flash attention where the device and the head size allow it
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -409,10 +409,11 @@ def get_lr(it, cfg):
 def train_step(model, optimizer, scaler, ctx, next_batch, accum, grad_clip):
     """One step over accum micro-batches, next_batch() -> (x, y, the model's other inputs) -> (loss, gradient norm),
     tensors: nothing here waits for the device. (With fp16 the scaler skips a step with non-finite gradients.)"""
+    ddp = isinstance(getattr(model, '_orig_mod', model), DDP)  # (compiled: the DDP inside; no_sync reaches it)
     for micro_step in range(accum):
         x, y, kw = next_batch()
         # under DDP the gradients are all-reduced once, after the last micro-batch
-        with model.no_sync() if isinstance(model, DDP) and micro_step < accum - 1 else nullcontext():
+        with model.no_sync() if ddp and micro_step < accum - 1 else nullcontext():
             with ctx:
                 _, loss = model(x, y, **kw)
             scaler.scale(loss / accum).backward()
@@ -462,6 +463,7 @@ def main(argv):
     if ckpt:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt.get('scaler') or scaler.state_dict())  # fp16: the scale the run had reached
         iter_num, best_val_loss, first_val_loss = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['first_val_loss']
         set_rng_state(ckpt['rng'], dev, cfg['seed'] + rank + 1000 * iter_num if ddp else None)
         ckpt = None  # free the memory
@@ -487,7 +489,7 @@ def main(argv):
     if ddp:  # DDP, then compile, as PyTorch documents: the all-reduce then overlaps the compiled backward
         model = DDP(model, device_ids=[dev] if dev.startswith('cuda') else None, broadcast_buffers=False)
     if cfg['compile']:
-        warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\._inductor')  # its internals
+        warnings.filterwarnings('ignore', module=r'torch\._inductor')  # notes on its internals, not on the model
         model = torch.compile(model)
     start_iter, saved = iter_num, (iter_num if cfg['resume'] else None)  # saved: the step ckpt.pt holds
     if saved is None and master and os.path.exists(ckpt_path):
@@ -511,7 +513,7 @@ def main(argv):
                 if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
                     left, saved = last_checkpoint(ckpt_path, saved), iter_num  # (a Ctrl-C in the save comes after it)
                     save_checkpoint(ckpt_path, checkpoint_of(raw_model, iter_num, cfg, optimizer, dev, best_val_loss,
-                                                             first_val_loss), left)
+                                                             first_val_loss, scaler=scaler.state_dict()), left)
                 if iter_num in snapshots and (iter_num > start_iter or not cfg['resume']):  # (for analyze.py)
                     snapshot = checkpoint_of(raw_model, iter_num, cfg, losses=dict(train=tce, val=vce, val_spatial=vsl))
                     save_checkpoint(f"{cfg['out_dir']}/snapshots/step_{iter_num:06d}.pt", snapshot,
@@ -603,7 +605,8 @@ def start_processes(device):
 
 def precision(name, dev):
     """--dtype (auto: bfloat16 where the GPU or CPU has it natively, else float16 and a gradient scaler on CUDA, float32
-    elsewhere) -> (dtype, autocast context, gradient scaler). TF32 only in float32: the spatial loss stays exact."""
+    elsewhere) -> (dtype, autocast context, gradient scaler). TF32 only in float32 runs: under autocast the float32
+    products (the spatial loss) stay float32."""
     kind = dev.split(':')[0]
     native = (torch.cuda.is_bf16_supported(including_emulation=False) if kind == 'cuda' else kind == 'cpu' and any(
         getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')))
@@ -683,7 +686,7 @@ def save_checkpoint(path, ckpt, left):
 
 def checkpoint_of(model, iter_num, cfg, optimizer=None, dev=None, best_val_loss=None, first_val_loss=None, **more):
     """A snapshot: the model (its grid places too), the step, the user's config; with the optimizer, a checkpoint:
-    all that a bit-exact resume needs besides, the RNG state of this process's own GPU included."""
+    all that a bit-exact resume needs besides (more: the fp16 scaler's state), the RNG state of its own GPU included."""
     ckpt = dict(model_type=MODEL_TYPE, model_args=asdict(model.config), model=model.state_dict(), iter_num=iter_num,
                 config=cfg, **more)
     if optimizer is not None:
@@ -722,8 +725,9 @@ def set_rng_state(rng, dev, ddp_seed=None):
         torch.cuda.set_rng_state(rng['cuda'], dev)
 
 def resume_config(ckpt, given, path):
-    """The run's own config, then the keys given now, but the model's fields (shape, alpha, radius, seed, sq, sr, ...)
-    stay the checkpoint's. Says from which step, what it ignores and what a changed schedule does to the lr."""
+    """The run's own config, then the keys given now, but the model's own fields (its config class's: the shape, and
+    alpha, radius, seed or sq, sr, wrap, ...) stay the checkpoint's. Says from which step, what it ignores and what
+    a changed schedule does to the lr."""
     old = {**DEFAULTS, **ckpt['config']}
     cfg = {**old, **given, **{k: v for k, v in ckpt['model_args'].items() if k in old}}
     ignored = ', '.join(f'--{k}' for k, v in ckpt['model_args'].items() if k in given and given[k] != v)
@@ -731,7 +735,7 @@ def resume_config(ckpt, given, path):
     if int(os.environ.get('RANK', 0)) == 0:
         it = ckpt['iter_num']
         print(f"resuming from step {it} of {path}" + f"; ignoring {ignored}: --resume keeps the model" * bool(ignored))
-        if changed and it < cfg['max_iters']:
+        if any(get_lr(i, cfg) != get_lr(i, old) for i in range(it, cfg['max_iters'])):  # (not: the same schedule)
             print(f"note: {', '.join(f'--{k}={cfg[k]:g} (the run had {old[k]:g})' for k in changed)}: the learning "
                   f"rate follows the new schedule, {get_lr(it, cfg):.2e} at step {it} instead of {get_lr(it, old):.2e}")
     return cfg
@@ -807,11 +811,13 @@ def read_official(path, positions_dir=None):
                              f"(models/gpt2-positions/ in the official repository)")
         layer = read_pickled(file).__dict__
         coords.append(torch.as_tensor(layer['coordinates']).round().long())
-        if sorted(map(tuple, coords[-1].tolist())) != [(r, c) for r in range(side) for c in range(side)]:
-            raise ValueError(f"the unit positions {file} are not the {side} x {side} lattice of the model's "
-                             f"n_embed={args['n_embed']} units: positions of another model size?")
+        if coords[-1].shape != (side * side, 2) or not ((0 <= coords[-1]) & (coords[-1] < side)).all():
+            raise ValueError(f"the unit positions {file} are not places on the {side} x {side} lattice of the "
+                             f"model's n_embed={args['n_embed']} units: positions of another model size?")
     window = int(torch.as_tensor(layer['neighborhood_indices'])[0].sum())  # (2 radius - 1)^2 units
     state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}  # saved from torch.compile
+    # the published places (gpt2-positions-5-5) put some units on one cell and leave others empty: unit_pos keeps
+    # them as they are; grid, then no exact inverse, lists the units in the order of their places
     state.update(unit_pos=torch.stack(coords), grid=grid_of(torch.stack(coords), side))
     return dict(n_layer=args['n_layer'], n_head=args['n_head'], n_embd=args['n_embed'], block_size=args['block_size'],
                 vocab_size=args['vocab_size'], dropout=args['dropout'], bias=args['bias'],

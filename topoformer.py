@@ -89,7 +89,8 @@ preset = ''  # a named set of overrides, applied before the other keys (see PRES
 DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and type(v) in (bool, int, float, str)}
 # --task=sentiment brings its own defaults, under any preset and explicit key: the paper's first experiment, a
 # 1-layer Topoformer on a 20 x 20 grid classifying IMDB reviews (the official config_text.yaml, train_imdb.py),
-# one epoch of the 22.5k training reviews in batches of 32 instead of its 20 of 256, to finish on a laptop
+# one epoch's worth of draws (700 x 32 of the 22.5k training reviews, with replacement) instead of its 20 of
+# 256, to finish on a laptop
 TASK_DEFAULTS = {
     'mlm': {},
     'sentiment': dict(out_dir='out-sentiment', n_layer=1, n_head=1, n_embd=400, ffn_size=1600, block_size=256,
@@ -186,7 +187,7 @@ class SpatialSelfAttention(nn.Module):
 
     def fold_queries(self, w_q):
         """A speed trick, set apart: q M = x (M W_q)^T, M fixed and symmetric, so M is folded into the D x D weight
-        once a step instead of pooling every one of the B*T queries (the official code's extra (B*T) x D x D
+        once a forward pass instead of pooling every one of the B*T queries (the official code's extra (B*T) x D x D
         matmul); on the torus by FFT. test_topo.py checks it against q M."""
         if self.sq_kernel is None or w_q.device.type == 'mps':  # (the FFT path is untested on MPS)
             return self.sq_matrix @ w_q
@@ -200,8 +201,9 @@ class SpatialSelfAttention(nn.Module):
         q = F.linear(x, w_q)  # (B, T, D) the pooled queries q' = q M
         k, v = self.c_kv(x).split(D, dim=2)  # (B, T, D) each
         qh, kh, vh = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        # scores / sqrt(hs) (= sqrt(D) with the one head); key_mask hides [PAD] keys; flash attention where the
-        # device has it; no dropout on the attention weights (the official BERT's is 0)
+        # scores / sqrt(hs) (= sqrt(D) with the one head); key_mask hides [PAD] keys; the fastest kernel the device
+        # has for the head size (CUDA's flash attention takes heads up to 256, so the paper's one head of 784 gets the
+        # memory-efficient one); no dropout on the attention weights (the official BERT's is 0)
         y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=key_mask).transpose(1, 2).contiguous().view(B, T, D)
         w_o = self.c_proj.weight  # (D, D): w_o[i, j] connects unit j of y to unit i of the output
         if self.sr_mask is not None:
@@ -456,10 +458,11 @@ def get_lr(it, cfg):
 def train_step(model, optimizer, scaler, ctx, next_batch, accum, grad_clip):
     """One step over accum micro-batches, next_batch() -> (x, y, the model's other inputs) -> (loss, gradient norm),
     tensors: nothing here waits for the device. (With fp16 the scaler skips a step with non-finite gradients.)"""
+    ddp = isinstance(getattr(model, '_orig_mod', model), DDP)  # (compiled: the DDP inside; no_sync reaches it)
     for micro_step in range(accum):
         x, y, kw = next_batch()
         # under DDP the gradients are all-reduced once, after the last micro-batch
-        with model.no_sync() if isinstance(model, DDP) and micro_step < accum - 1 else nullcontext():
+        with model.no_sync() if ddp and micro_step < accum - 1 else nullcontext():
             with ctx:
                 _, loss = model(x, y, **kw)
             scaler.scale(loss / accum).backward()
@@ -526,6 +529,7 @@ def main(argv):
     if ckpt:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt.get('scaler') or scaler.state_dict())  # fp16: the scale the run had reached
         iter_num, best_val_loss, first_val_loss = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['first_val_loss']
         set_rng_state(ckpt['rng'], dev, cfg['seed'] + rank + 1000 * iter_num if ddp else None)
         ckpt = None  # free the memory
@@ -553,7 +557,7 @@ def main(argv):
     if ddp:  # DDP, then compile, as PyTorch documents: the all-reduce then overlaps the compiled backward
         model = DDP(model, device_ids=[dev] if dev.startswith('cuda') else None, broadcast_buffers=False)
     if cfg['compile']:
-        warnings.filterwarnings('ignore', category=FutureWarning, module=r'torch\._inductor')  # its internals
+        warnings.filterwarnings('ignore', module=r'torch\._inductor')  # notes on its internals, not on the model
         model = torch.compile(model)
     start_iter, saved = iter_num, (iter_num if cfg['resume'] else None)  # saved: the step ckpt.pt holds
     if saved is None and master and os.path.exists(ckpt_path):
@@ -577,7 +581,7 @@ def main(argv):
                 if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
                     left, saved = last_checkpoint(ckpt_path, saved), iter_num  # (a Ctrl-C in the save comes after it)
                     save_checkpoint(ckpt_path, checkpoint_of(raw_model, iter_num, cfg, optimizer, dev, best_val_loss,
-                                                             first_val_loss), left)
+                                                             first_val_loss, scaler=scaler.state_dict()), left)
                 if iter_num in snapshots and (iter_num > start_iter or not cfg['resume']):
                     save_checkpoint(os.path.join(cfg['out_dir'], 'snapshots', f'step_{iter_num:06d}.pt'), checkpoint_of(
                         raw_model, iter_num, cfg, losses=dict(train=tl, val=vl)), last_checkpoint(ckpt_path, saved))
@@ -667,7 +671,8 @@ def start_processes(device):
 
 def precision(name, dev):
     """--dtype (auto: bfloat16 where the GPU or CPU has it natively, else float16 and a gradient scaler on CUDA, float32
-    elsewhere) -> (dtype, autocast context, gradient scaler). TF32 only in float32: the spatial loss stays exact."""
+    elsewhere) -> (dtype, autocast context, gradient scaler). TF32 only in float32 runs: under autocast the float32
+    products (the spatial loss) stay float32."""
     kind = dev.split(':')[0]
     native = (torch.cuda.is_bf16_supported(including_emulation=False) if kind == 'cuda' else kind == 'cpu' and any(
         getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')))
@@ -747,7 +752,7 @@ def save_checkpoint(path, ckpt, left):
 
 def checkpoint_of(model, iter_num, cfg, optimizer=None, dev=None, best_val_loss=None, first_val_loss=None, **more):
     """A snapshot: the model (its grid places too), the step, the user's config; with the optimizer, a checkpoint:
-    all that a bit-exact resume needs besides, the RNG state of this process's own GPU included."""
+    all that a bit-exact resume needs besides (more: the fp16 scaler's state), the RNG state of its own GPU included."""
     ckpt = dict(model_type=MODEL_TYPE, model_args=asdict(model.config), model=model.state_dict(), iter_num=iter_num,
                 config=cfg, **more)
     if optimizer is not None:
@@ -786,8 +791,9 @@ def set_rng_state(rng, dev, ddp_seed=None):
         torch.cuda.set_rng_state(rng['cuda'], dev)
 
 def resume_config(ckpt, given, path):
-    """The run's own config, then the keys given now, but the model's fields (shape, alpha, radius, seed, sq, sr, ...)
-    stay the checkpoint's. Says from which step, what it ignores and what a changed schedule does to the lr."""
+    """The run's own config, then the keys given now, but the model's own fields (its config class's: the shape, and
+    alpha, radius, seed or sq, sr, wrap, ...) stay the checkpoint's. Says from which step, what it ignores and what
+    a changed schedule does to the lr."""
     old = {**DEFAULTS, **ckpt['config']}
     cfg = {**old, **given, **{k: v for k, v in ckpt['model_args'].items() if k in old}}
     ignored = ', '.join(f'--{k}' for k, v in ckpt['model_args'].items() if k in given and given[k] != v)
@@ -795,7 +801,7 @@ def resume_config(ckpt, given, path):
     if int(os.environ.get('RANK', 0)) == 0:
         it = ckpt['iter_num']
         print(f"resuming from step {it} of {path}" + f"; ignoring {ignored}: --resume keeps the model" * bool(ignored))
-        if changed and it < cfg['max_iters']:
+        if any(get_lr(i, cfg) != get_lr(i, old) for i in range(it, cfg['max_iters'])):  # (not: the same schedule)
             print(f"note: {', '.join(f'--{k}={cfg[k]:g} (the run had {old[k]:g})' for k in changed)}: the learning "
                   f"rate follows the new schedule, {get_lr(it, cfg):.2e} at step {it} instead of {get_lr(it, old):.2e}")
     return cfg
