@@ -665,6 +665,9 @@ def start_processes(device):
         torch.cuda.set_device(dev)
     if 'RANK' in os.environ:
         init_process_group(backend='nccl' if 'cuda' in dev else 'gloo')
+        # main()'s DDP(broadcast_buffers=False) (the buffers are alike on every rank) is deprecated from torch 2.13,
+        # for an argument that older torch lacks: its notice, printed by every rank, asks for nothing here
+        warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated', category=FutureWarning)
     if dev == 'cpu':
         keep_freed_memory()
     return 'RANK' in os.environ, rank, max(world, 1), dev
