@@ -329,7 +329,7 @@ def load_model(path, positions_dir, device):
     try:  # (the published TopoLM's places put some units on one cell: fail now, not after the long work)
         [to_lattice(model.positions(m).cpu().numpy()) for m in model.map_names]
     except ValueError as e:
-        raise UsageError(f"{path}: {e}, as in the published TopoLM's places; analyze.py draws one unit per "
+        raise UsageError(f"{path}: {e} (as do the published TopoLM's places); analyze.py draws one unit per "
                          f"cell") from None
     config = model.config  # the control: sq = sr = 1 (Topoformer), alpha = 0 (TopoLM)
     topographic = (config.sq < 1 or config.sr < 1) if kind == 'topoformer' else config.alpha > 0
@@ -399,7 +399,7 @@ def to_lattice(positions):
     H, W = lattice.max(0) + 1
     cells = len(np.unique(lattice[:, 0] * W + lattice[:, 1]))
     if H * W != len(pos) or cells != len(pos):
-        raise ValueError(f"the {len(pos)} units take {cells} of the {H * W} cells of a {H} x {W} grid, not one each")
+        raise ValueError(f"the {len(pos)} units take {cells} of the {H * W} cells of the {H} x {W} grid, not one each")
     return lattice, (int(H), int(W))
 
 def to_grid(values, positions):
