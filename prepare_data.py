@@ -71,8 +71,7 @@ class UsageError(ValueError):
     """Bad input: one line, no traceback (command()). The models raise it for a shape they cannot take."""
 
 def parse_config(argv, defaults, presets, doc, source):
-    """The defaults, then --preset=NAME, then each --key=value (a bare --flag: True), read by argparse; --help shows
-    each key's comment in source, and a value must pass its check (x >= 1, 0 <= x < 1, a|b) -> (config, keys set)"""
+    """The defaults, --preset=NAME over them, each --key=value (a bare --flag: True) over both -> (config, keys set)."""
     with open(source, encoding='utf-8') as f:
         notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", f.read().split('\nDEFAULTS')[0], re.M))
     checks = {k: (re.match(r"((?:\S+ <=? )?x [<>]=? \S+|[\w-]*(?:\|[\w-]*)+): ", notes[k]) or [''] * 2)[1]
@@ -80,16 +79,14 @@ def parse_config(argv, defaults, presets, doc, source):
     parser = argparse.ArgumentParser(os.path.basename(source), '%(prog)s [--key=value ...]', doc, '\n'.join(
         f"--preset={name}: {p}" for name, p in presets.items()), formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False, argument_default=argparse.SUPPRESS)
-
-    def error(message):
+    def error(message):  # argparse's own messages (a bad type, an unknown key, ...), as a UsageError
         raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
     parser.error = error
     for key, default in defaults.items():
         choices = ['', *presets] if key == 'preset' else checks[key].split('|') if '|' in checks[key] else None
         flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
         parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices,
-                            metavar='True|False' if flag else '',
-                            help=f"{notes[key]} ({default!r})", **flag)
+                            metavar='True|False' if flag else '', help=f"{notes[key]} ({default!r})", **flag)
     given = vars(parser.parse_args(argv))
     given = {**presets.get(given.get('preset'), {}), **given}  # explicit keys win over the preset
     for key, value in given.items():
@@ -99,10 +96,8 @@ def parse_config(argv, defaults, presets, doc, source):
     return {**defaults, **given}, given
 
 def boolean(text):
-    """A boolean on the command line: True, False, 1 or 0."""
-    if text.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(text)
-    return text.lower() in ('true', '1')
+    """A boolean on the command line: True, False, 1 or 0 (else a ValueError, which argparse reports)."""
+    return ['false', '0', 'true', '1'].index(text.lower()) >= 2
 
 
 def config_of(argv):
@@ -406,16 +401,14 @@ def main(argv):
 
 
 def command(main, argv, interrupted=''):
-    """main as a command: a UsageError is one line and exit 2, Ctrl-C one line (what the run leaves behind: the
-    interrupt's words, else interrupted) and exit 130; under torchrun the first process speaks for all."""
+    """main as a command: a UsageError is one line, exit 2; Ctrl-C one line, what is left, exit 130."""
     rank = int(os.environ.get('RANK', 0))
     try:
         main(argv)
         return 0
     except UsageError as e:
         if rank:
-            # every process meets the same bad input, and torchrun stops the others as soon as one exits: wait, so
-            # that the first is not stopped before it has said why (still here: it did not meet it, so say it here)
+            # torchrun stops all as soon as one exits: let the first say why (still here: it did not, say it here)
             time.sleep(30)
         print(f"error: {f'process {rank}: ' * bool(rank)}{e}", file=sys.stderr)
         return 2

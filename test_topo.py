@@ -277,13 +277,14 @@ def test_spatial_loss_of_model_uses_the_sampled_windows():
         for k in range(3):
             cells = model.window_places[windows[m, k]]
             units = model.grid[m].view(-1)[cells]
-            pos = topo_gpt.row_col(cells, 8)
+            pos = torch.stack([cells // 8, cells % 8], dim=-1)  # (row, col)
             assert torch.equal(model.unit_pos[m][units], pos)  # the stored places are the window's places
             expect = expect + spatial_correlation_loss(maps[m].reshape(32, 64)[:, units], pos.float()) / 3
     assert total.item() == pytest.approx(expect.item(), rel=1e-5)
     # pos shared by all windows, or one per window: the same losses
     x = torch.randn(5, 40, 25)
-    shared = topo_gpt.row_col(topo_gpt.window_places(12, 3)[0], 12).float()
+    cells = topo_gpt.window_places(12, 3)[0]
+    shared = torch.stack([cells // 12, cells % 12], dim=-1).float()
     one_per_window = shared.expand(5, 25, 2)
     torch.testing.assert_close(spatial_correlation_loss(x, shared), spatial_correlation_loss(x, one_per_window))
 
@@ -1160,9 +1161,11 @@ def test_topoformer_flops_count_the_head_on_the_masked_tokens_only():
     model = Topoformer(tf_tiny_config())
     D, V = 64, 50304
     body = model.get_num_params() - V * D - D * D  # all but the tied decoder and the prediction head
-    assert model.flops_per_token() == pytest.approx(6 * (body + 0.15 * (V * D + D * D)) + 12 * 2 * D * 32)
+    assert bench.flops_per_token(model) == pytest.approx(6 * (body + 0.15 * (V * D + D * D)) + 12 * 2 * D * 32)
     clf = Topoformer(tf_tiny_config(n_class=2))
-    assert clf.flops_per_token() == pytest.approx(6 * (clf.get_num_params() - V * D) + 12 * 2 * D * 32)
+    assert bench.flops_per_token(clf) == pytest.approx(6 * (clf.get_num_params() - V * D) + 12 * 2 * D * 32)
+    gpt = GPT(GPTConfig(**TINY))  # nanoGPT's count: every parameter (the tied decoder too), plus attention
+    assert bench.flops_per_token(gpt) == 6 * gpt.get_num_params() + 12 * 2 * gpt.config.n_embd * gpt.config.block_size
 
 def test_a_few_dozen_mlm_steps_lower_the_loss(mlm_data, tmp_path, capsys):
     code, out, err = cli(tf.main, [*TF_TINY_CLI, f'--data_dir={mlm_data}', '--dataset=tiny', f'--out_dir={tmp_path}',

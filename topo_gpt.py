@@ -1,31 +1,27 @@
-"""
-TopoLM: a GPT whose units sit on a cortical sheet.
+"""TopoLM: a GPT whose units sit on a cortical sheet.
 
-Rathi, Mehrer, AlKhamissi, Binhuraib, Blauch, Schrimpf. "TopoLM: brain-like spatio-functional
-organization in a topographic language model". ICLR 2025. Official code: epflneuroailab/topolm.
+Rathi, Mehrer, AlKhamissi, Binhuraib, Blauch, Schrimpf. "TopoLM: brain-like spatio-functional organization in a
+topographic language model". ICLR 2025. Official code: epflneuroailab/topolm.
 
-nanoGPT's GPT-2, in which the C = side*side units of every attention output and every MLP output (the
-maps) each have a place on a side x side grid. Training adds to the next-token loss a spatial correlation
-loss (from TDANN, Margalit et al. 2024) that asks nearby units to respond alike. In a window of n units:
+nanoGPT's GPT-2, in which the C = side*side units of every attention output and every MLP output (the maps) each have
+a place on a side x side grid. Training adds to the next-token loss a spatial correlation loss (from TDANN, Margalit
+et al. 2024) that asks nearby units to respond alike. In a window of n units:
 
     r_ij = corr(x_i, x_j)                 response correlation of units i and j over the B*T tokens
     D_ij = 1 / (1 + ||p_i - p_j||)        inverse distance of their places p on the grid
     SL   = 0.5 * (1 - corr(lowtri(r), lowtri(D)))     lowtri: the strict lower triangle, each pair once
     loss = CE + alpha * (sum over the maps of the mean SL of n_neighborhoods random windows of the map)
 
-SL is 0 when correlation falls off with distance as D does, 0.5 when it is unrelated to distance, 1 when
-it rises with it. Read top to bottom: config, the spatial loss and the grid, the model, data, the training
-loop's own functions, main(); last, the plumbing that is not the model (command line, devices, files).
+SL is 0 when correlation falls off with distance as D does, 0.5 when it is unrelated to distance, 1 when it rises
+with it. Below: config, the spatial loss and the grid, the model, data, the training loop; last, the plumbing.
 """
 
 import os
-# Before torch loads OpenMP: its threads sleep while they wait instead of spinning. On a machine whose
-# cores are shared (a laptop, a CI box), spinning threads starve the one they wait for (docs/speed.md).
+# before torch loads OpenMP: waiting threads sleep, so that on shared cores they starve no other (docs/speed.md)
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-import re, sys, math, time, json, pickle, signal, argparse, warnings
+import re, sys, math, time, json, ctypes, pickle, signal, argparse, warnings
 from contextlib import nullcontext, contextmanager
 from dataclasses import dataclass, asdict, fields
-from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn as nn
@@ -33,9 +29,7 @@ from torch.nn import functional as F
 from torch.distributed import init_process_group, destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# -----------------------------------------------------------------------------
-# config, each key overridable as --key=value: its comment is its --help, and a check before the comment's
-# colon (x >= 1, 0 <= x < 1, a|b) says which values the command line accepts
+# ---- config, each key a --key=value: its comment is its --help, a check before the colon (x >= 1, a|b) its values ----
 # I/O
 out_dir = 'out'  # where ckpt.pt is written
 eval_interval = 200  # x >= 1: evaluate, and save a checkpoint, every this many steps
@@ -80,12 +74,11 @@ preset = ''  # a named set of overrides, applied before the other keys (see PRES
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and type(v) in (bool, int, float, str)}
 PRESETS = {
-    # the paper's model and its official config (models/config/train_gpt2.yaml): GPT-2 small on 28 x 28 grids,
-    # 983,040 tokens per step; the step count is ours: 10k steps = one pass over FineWeb-Edu's 10B-token sample
+    # the paper's model and its official config (models/config/train_gpt2.yaml; the keys not here are the defaults):
+    # GPT-2 small on 28 x 28 grids, 983,040 tokens a step; ours: 10k steps, one pass over FineWeb-Edu's 10B sample
     'paper': dict(dataset='fineweb-edu', n_layer=12, n_head=16, n_embd=784, block_size=1024, batch_size=48,
-                  gradient_accumulation_steps=20, dropout=0.0, bias=False, learning_rate=6e-4, weight_decay=0.1,
-                  beta1=0.9, beta2=0.95, grad_clip=1.0, warmup_iters=2000, max_iters=10000, min_lr=6e-5,
-                  alpha=2.5, radius=5, n_neighborhoods=5, eval_interval=1000, eval_iters=200),
+                  gradient_accumulation_steps=20, learning_rate=6e-4, warmup_iters=2000, max_iters=10000, min_lr=6e-5,
+                  eval_interval=1000, eval_iters=200),
     # the five-minute classroom loop (docs/classroom.md): a model and its control in about a minute each
     'classroom': dict(n_layer=2, n_head=4, n_embd=256, block_size=64, batch_size=8, max_iters=400,
                       eval_interval=200, eval_iters=10, warmup_iters=40, snapshot_iters='log'),
@@ -93,9 +86,7 @@ PRESETS = {
 MODEL_TYPE = 'topolm'  # written into every checkpoint: analyze.py tells the models apart by it
 GPT2_VOCAB = 50257  # GPT-2's tokens; the vocabulary is padded to 50304 (a multiple of 64, for speed)
 
-# -----------------------------------------------------------------------------
-# Topography: the spatial correlation loss (TDANN, as TopoLM uses it) and the grid. The model looks up
-# distance_kernel and spatial_correlation_loss when it calls them: replace one, and it trains with yours.
+# ---- Topography: the spatial loss, the grid. Replace spatial_correlation_loss or distance_kernel: the model uses yours
 
 def distance_kernel(d):
     """How alike two units at grid distance d should respond: TopoLM's inverse distance, 1 / (1 + d)."""
@@ -110,9 +101,8 @@ def correlation(x):
 
 def lowtri(a):
     """(..., n, n) -> (..., n(n-1)/2): the strict lower triangle, every pair once (index_select: a cheap gradient)."""
-    n = a.size(-1)
-    i, j = torch.tril_indices(n, n, offset=-1, device=a.device)
-    return a.flatten(-2).index_select(-1, i * n + j)
+    i, j = torch.tril_indices(a.size(-1), a.size(-1), offset=-1, device=a.device)
+    return a.flatten(-2).index_select(-1, i * a.size(-1) + j)
 
 def spatial_correlation_loss(x, pos):
     """SL of K windows of n units (top of this file): x (K, N, n) their responses to N samples, pos (n, 2) their
@@ -124,39 +114,28 @@ def spatial_correlation_loss(x, pos):
     corr = (r * D).sum(-1) / (r.norm(dim=-1) * D.norm(dim=-1) + 1e-8)
     return 0.5 * (1 - corr)
 
-def lattice_positions(n_maps, side, seed):
-    """Each map's units at a random permutation of the side x side lattice, so that only the spatial loss can make
-    neighbours alike: unit_pos (n_maps, side*side, 2), the (row, col) of each unit, and grid, the unit at each place."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.stack([torch.randperm(side * side, generator=g) for _ in range(n_maps)])
-    unit_pos = row_col(perm, side)  # unit u sits at place perm[u]
-    return unit_pos, grid_of(unit_pos, side)
-
-def row_col(place, side):
-    """The (row, col) of flat places row * side + col: (...) -> (..., 2)."""
-    return torch.stack([place // side, place % side], dim=-1)
-
 def grid_of(unit_pos, side):
     """The inverse of unit_pos (n_maps, side*side, 2): grid (n_maps, side, side), the unit at each place."""
     return (unit_pos[..., 0] * side + unit_pos[..., 1]).argsort(dim=1, stable=True).view(-1, side, side)
 
+def lattice_positions(n_maps, side, seed):
+    """Each map's units at a random permutation of the lattice, so only training makes neighbours alike: (M, C, 2)."""
+    g = torch.Generator().manual_seed(seed)
+    places = torch.stack([torch.randperm(side * side, generator=g) for _ in range(n_maps)])  # unit u at places[:, u]
+    return torch.stack([places // side, places % side], dim=-1)  # (row, col) of each place row * side + col
+
 def window_places(side, radius):
-    """Every square window of side w = 2 radius - 1 wholly inside the lattice, as the official code lists them:
-    (W, w*w) places row * side + col, W = (side - w + 1)^2 (radius 5: 9 x 9 units, TopoLM's neighbourhood)."""
-    w = 2 * radius - 1
-    offsets = (torch.arange(w)[:, None] * side + torch.arange(w)[None, :]).flatten()  # (w*w,)
-    corners = torch.arange(max(0, side - w + 1))
-    return (corners[:, None] * side + corners[None, :]).flatten()[:, None] + offsets[None, :]
+    """Every w x w window, w = 2 radius - 1, inside the lattice, as the official code lists them: (W, w*w) places."""
+    w, places = 2 * radius - 1, torch.arange(side * side).view(side, side)
+    return places.unfold(0, w, 1).unfold(1, w, 1).reshape(-1, w * w) if w <= side else places.new_empty(0, w * w)
 
 def sample_neighborhoods(n_maps, n_windows, k):
     """k distinct windows per map, drawn anew every step as the official code draws them: (n_maps, k) window ids."""
     return torch.rand(n_maps, n_windows).argsort(dim=1)[:, :k]
 
 class Covariance(torch.autograd.Function):
-    """A speed trick, set apart: cov = xc^T xc, xc = x - mean(x) over the samples, as in correlation(), with
-    its gradient written by hand. Autograd would spend two matmuls and a pass for the mean; by hand it is one
-    matmul, d cov -> xc (G + G^T), as xc sums to zero over the samples. 3x faster; test_topo.py checks it."""
-
+    """A speed trick, set apart: cov = xc^T xc of correlation(), its gradient by hand in one matmul, d cov -> xc (G +
+    G^T) (xc sums to zero), where autograd spends two and a pass for the mean: 3x faster; test_topo.py checks it."""
     @staticmethod
     def forward(ctx, x):
         xc = x - x.mean(dim=-2, keepdim=True)
@@ -169,8 +148,7 @@ class Covariance(torch.autograd.Function):
         # (G + G^T) xc^T, transposed: laid out like x, the model's transposed (K, n, N) gather: no copy on the way back
         return ((g + g.transpose(-1, -2)) @ xc.transpose(-1, -2)).transpose(-1, -2)
 
-# -----------------------------------------------------------------------------
-# The model: nanoGPT's GPT-2, with every block exposing two spatial maps
+# ---- The model: nanoGPT's GPT-2, with every block exposing two spatial maps ------------------------------------------
 
 @dataclass
 class GPTConfig:
@@ -188,25 +166,21 @@ class GPTConfig:
     seed: int = 1337  # draws the units' grid positions
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.dropout = config.dropout
+        self.n_head, self.dropout = config.n_head, config.dropout
 
     def forward(self, x):
         B, T, C = x.size()
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         # q, k, v: (B, nh, T, hs); flash attention where the device and the head size allow it
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))  # (B, T, C)
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -218,7 +192,6 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -236,18 +209,16 @@ class Block(nn.Module):
         return x, ((h, x) if self.residual_maps else (a, m))
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         side, w = math.isqrt(config.n_embd), 2 * config.radius - 1
         if side * side != config.n_embd:
-            raise UsageError(f"n_embd={config.n_embd} is not a perfect square: the units must tile a "
-                             f"side x side grid (e.g. 256 = 16 x 16, 784 = 28 x 28)")
+            raise UsageError(f"n_embd={config.n_embd} is not a perfect square (256 = 16 x 16 units, 784 = 28 x 28)")
         if config.n_embd % config.n_head:
             raise UsageError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         n_windows = len(window_places(side, config.radius))  # (the control's too: its evaluation measures it)
         if not 1 <= config.n_neighborhoods <= n_windows:
-            raise UsageError(f"radius={config.radius} and n_neighborhoods={config.n_neighborhoods} do not fit the "
+            raise UsageError(f"radius={config.radius}, n_neighborhoods={config.n_neighborhoods} do not fit the "
                              f"{side} x {side} grid: it holds {n_windows} windows of {w} x {w} units")
         self.config = config
         self.transformer = nn.ModuleDict(dict(
@@ -263,15 +234,13 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        # every map gets its own random placement of its units on the grid; buffers, so they travel in every
-        # checkpoint. unit_pos[m, u] = (row, col) of unit u of map m, grid[m, row, col] = its unit.
+        # each map's own places, in every checkpoint: unit_pos[m, u] = (row, col), grid its inverse; then the windows
         self.map_names = [f'h.{l}.{s}' for l in range(config.n_layer) for s in ('attn', 'mlp')]
-        unit_pos, grid = lattice_positions(len(self.map_names), side, config.seed)
-        self.register_buffer('unit_pos', unit_pos)  # (M, C, 2)
-        self.register_buffer('grid', grid)  # (M, side, side)
-        # the windows, and the (row, col) of a window's units: the same in every window (one square, shifted)
+        self.register_buffer('unit_pos', lattice_positions(len(self.map_names), side, config.seed))  # (M, C, 2)
+        self.register_buffer('grid', grid_of(self.unit_pos, side))  # (M, side, side)
         self.register_buffer('window_places', window_places(side, config.radius), persistent=False)  # (W, n)
-        self.register_buffer('window_pos', row_col(self.window_places[0], side).float(), persistent=False)  # (n, 2)
+        w0 = self.window_places[0]  # the (row, col) of a window's units, the same in every window (one square, shifted)
+        self.register_buffer('window_pos', torch.stack([w0 // side, w0 % side], -1).float(), persistent=False)  # (n, 2)
         self.ce_loss = self.spatial_loss = None  # the two parts of the last loss, for logging
 
     def _init_weights(self, module):
@@ -314,23 +283,20 @@ class GPT(nn.Module):
     def spatial_loss_of(self, maps, windows):
         """sum_m mean_k SL(the responses of the units in window k of map m): maps, M tensors (B, T, C); windows (M, K).
         All M*K windows go through spatial_correlation_loss in one call: a few big products, not M small ones."""
-        (M, K), C = windows.shape, self.config.n_embd
-        cells = self.window_places[windows]  # (M, K, n) the windows' places
-        units = self.grid.view(M, -1).gather(1, cells.view(M, -1))  # (M, K*n) the units at those places
+        (M, K), C, n = windows.shape, self.config.n_embd, len(self.window_pos)
+        units = self.grid.view(M, -1).gather(1, self.window_places[windows].view(M, -1))  # (M, K*n) units in windows
         # map m's window units, their responses over the N = B*T tokens: (M*K, n, N)
-        x = torch.stack([m.reshape(-1, C).t().index_select(0, u) for m, u in zip(maps, units)])
-        x = x.view(M * K, cells.size(-1), -1)
+        x = torch.stack([m.reshape(-1, C).t().index_select(0, u) for m, u in zip(maps, units)]).view(M * K, n, -1)
         with torch.autocast(device_type=x.device.type, enabled=False):  # in float32, even under autocast
             sl = spatial_correlation_loss(x.float().transpose(1, 2), self.window_pos)  # (M*K,)
         return sl.view(M, K).mean(dim=1).sum()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """nanoGPT's sampling: idx (B, T) continued by tokens drawn (from generator) from the softmax of the last
-        logits / temperature (of the top_k likeliest), the context cropped to block_size; never a padding id."""
+        """nanoGPT's sampling: idx (B, T) and max_new_tokens drawn from softmax(last logits / temperature), top_k."""
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.config.block_size:])[0][:, -1, :] / temperature  # (B, vocab_size)
-            logits[:, GPT2_VOCAB:] = -float('inf')
+            logits[:, GPT2_VOCAB:] = -float('inf')  # never the vocabulary's padding
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float('inf')
@@ -344,16 +310,10 @@ class GPT(nn.Module):
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=(device_type == 'cuda') or None)
 
-    def flops_per_token(self):
-        """Training flops per token (PaLM appendix B, as nanoGPT): 6 per parameter plus attention."""
-        return 6 * self.get_num_params() + 12 * self.config.n_layer * self.config.n_embd * self.config.block_size
-
     @classmethod
     def from_checkpoint(cls, path, device='cpu'):
-        """The trained model, grid places included, of a ckpt.pt or snapshot of this script (or its dict)."""
+        """The trained model, grid places included, of a ckpt.pt or snapshot of this script (or its loaded dict)."""
         ckpt = load_checkpoint(path) if isinstance(path, str) else path
-        if ckpt.get('model_type') != MODEL_TYPE:
-            raise ValueError("not a TopoLM checkpoint written by topo_gpt.py")
         model = cls(GPTConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt['model'])
         return model.to(device).eval()
@@ -364,14 +324,13 @@ class GPT(nn.Module):
         config, state = read_official(path, positions_dir)
         return cls.from_checkpoint(dict(model_type=MODEL_TYPE, model_args=config, model=state), device)
 
-# -----------------------------------------------------------------------------
-# Data: nanoGPT's loader, random chunks of the uint16 token files that prepare_data.py writes
+# ---- Data: nanoGPT's loader, random chunks of the uint16 token files that prepare_data.py writes ---------------------
 
 def open_split(cfg, split):
     """data_dir/dataset/split.bin as uint16 tokens, checked against meta.json, which prepare_data.py writes last."""
     folder = os.path.join(cfg['data_dir'], cfg['dataset'])
     path = os.path.join(folder, f'{split}.bin')
-    rerun = f"prepare it with `python prepare_data.py` (Shakespeare) or `... --input=YOUR_TEXT --name={cfg['dataset']}`"
+    rerun = f"run prepare_data.py (Shakespeare) or prepare_data.py --input=YOUR_TEXT --name={cfg['dataset']}"
     if not os.path.isfile(path):
         raise UsageError(f"no {path}: {rerun}")
     try:
@@ -380,8 +339,7 @@ def open_split(cfg, split):
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{folder} has no complete meta.json (an interrupted prepare_data.py?): {rerun}") from None
     if os.path.getsize(path) != 2 * n:
-        raise UsageError(f"{path} holds {os.path.getsize(path)} bytes, not the {n} tokens of meta.json: the folder "
-                         f"is mixed or damaged; {rerun}")
+        raise UsageError(f"{path} does not hold the {n} tokens of meta.json, mixed or damaged: {rerun}")
     if n <= cfg['block_size'] + 1:
         raise UsageError(f"{path} has {n} tokens, too few for block_size={cfg['block_size']}")
     return np.memmap(path, dtype=np.uint16, mode='r')
@@ -393,8 +351,7 @@ def get_batch(data, batch_size, block_size, generator=None):
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
     return x, y
 
-# -----------------------------------------------------------------------------
-# The training loop's own functions: the learning rate, one step, an evaluation
+# ---- The training loop: its own functions (the learning rate, one step, an evaluation), then main() ------------------
 
 def get_lr(it, cfg):
     """Linear warmup, then cosine decay to min_lr. Depends on the iteration only (for resume)."""
@@ -407,27 +364,24 @@ def get_lr(it, cfg):
     return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
 
 def train_step(model, optimizer, scaler, ctx, next_batch, accum, grad_clip):
-    """One step over accum micro-batches, next_batch() -> (x, y, the model's other inputs) -> (loss, gradient norm),
-    tensors: nothing here waits for the device. (With fp16 the scaler skips a step with non-finite gradients.)"""
+    """One step of accum micro-batches, next_batch() -> (x, y, the model's other inputs) -> (loss, gradient norm)."""
     ddp = isinstance(getattr(model, '_orig_mod', model), DDP)  # (compiled: the DDP inside; no_sync reaches it)
     for micro_step in range(accum):
         x, y, kw = next_batch()
-        # under DDP the gradients are all-reduced once, after the last micro-batch
-        with model.no_sync() if ddp and micro_step < accum - 1 else nullcontext():
+        with model.no_sync() if ddp and micro_step < accum - 1 else nullcontext():  # DDP: all-reduce at the last only
             with ctx:
                 _, loss = model(x, y, **kw)
             scaler.scale(loss / accum).backward()
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
-    scaler.step(optimizer)
+    scaler.step(optimizer)  # (fp16: a step with gradients that are not finite is skipped)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), norm
+    return loss.detach(), norm  # tensors: nothing here waits for the device
 
 @torch.no_grad()
 def estimate_loss(model, batch, eval_iters, seed, ctx):
-    """{split: (mean CE, mean spatial loss)} over eval_iters batches. The same batches every time (own generator)
-    and the training RNG stream untouched (fork_rng): evaluating never changes the course of training."""
+    """{split: (mean CE, mean spatial loss)}, the same batches every time, the training's RNG untouched (for resume)."""
     out = {}
     model.eval()
     with torch.random.fork_rng(devices=[]):
@@ -442,9 +396,6 @@ def estimate_loss(model, batch, eval_iters, seed, ctx):
     model.train()
     return out
 
-# -----------------------------------------------------------------------------
-# The training loop
-
 def main(argv):
     cfg, given = parse_config(argv, DEFAULTS, PRESETS, __doc__, __file__)
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
@@ -456,7 +407,7 @@ def main(argv):
     accum, B = share_step(cfg['gradient_accumulation_steps'], cfg['batch_size'], world)
     master = rank == 0
     torch.manual_seed(cfg['seed'] + rank)  # each process draws its own batches and windows
-    model = GPT(GPTConfig(**{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg})).to(dev)
+    model = raw_model = GPT(GPTConfig(**{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg})).to(dev)
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
                                            dev.split(':')[0])
     iter_num, best_val_loss, first_val_loss = 0, float('inf'), None
@@ -469,10 +420,10 @@ def main(argv):
         ckpt = None  # free the memory
     data = {split: open_split(cfg, split) for split in ('train', 'val')}
     M, W, K = len(model.map_names), len(model.window_places), cfg['n_neighborhoods']
-
-    def batch(split, generator=None, windows=True):  # the tokens, then the windows of the spatial loss
+    def batch(split, generator=None):  # the tokens, then the windows of the spatial loss where GPT.forward computes it
         x, y = get_batch(data[split], B, cfg['block_size'], generator)
-        x, y, w = to_device(dev, x, y, sample_neighborhoods(M, W, K) if windows else None)
+        w = sample_neighborhoods(M, W, K) if cfg['alpha'] > 0 or not raw_model.training else None
+        x, y, w = to_device(dev, x, y, w)
         return x, y, dict(windows=w)
     writable_dir(cfg['out_dir'])  # in every process: a usage error that all of them stop on
     tokens_per_iter = accum * world * B * cfg['block_size']
@@ -485,7 +436,6 @@ def main(argv):
     if master and 'cuda' in dev and dtype == 'float32' and hs % 4:  # (neither flash nor memory-efficient attention)
         print(f"note: in float32, CUDA attention on heads of {hs} units stores every score: "
               f"{B * cfg['n_head'] * cfg['n_layer'] * cfg['block_size'] ** 2 * 4 / 1e9:.0f} GB a micro-batch")
-    raw_model = model
     if ddp:  # DDP, then compile, as PyTorch documents: the all-reduce then overlaps the compiled backward
         model = DDP(model, device_ids=[dev] if dev.startswith('cuda') else None, broadcast_buffers=False)
     if cfg['compile']:
@@ -495,6 +445,8 @@ def main(argv):
     if saved is None and master and os.path.exists(ckpt_path):
         print(f"note: {ckpt_path} is an earlier run's; this run replaces it at its first save (--resume continues it)")
     t0, it0 = time.time(), iter_num
+    diverged = lambda why: UsageError(f"training diverged at iter {iter_num} ({why}) and stopped; "
+                                      f"{last_checkpoint(ckpt_path, saved)}. Try a lower learning_rate or alpha.")
     try:
         while True:
             lr = get_lr(iter_num, cfg)
@@ -502,34 +454,28 @@ def main(argv):
                 group['lr'] = lr
             if master and (iter_num % cfg['eval_interval'] == 0 or iter_num in snapshots | {cfg['max_iters']}):
                 (tce, _), (vce, vsl) = estimate_loss(raw_model, batch, cfg['eval_iters'], cfg['seed'], ctx).values()
-                print(f"step {iter_num}: train ce {tce:.4f}, val ce {vce:.4f}, val spatial loss {vsl:.4f} "
-                      f"(x alpha {cfg['alpha']} = {cfg['alpha'] * vsl:.4f})")
+                print(f"step {iter_num}: train ce {tce:.4f}, val ce {vce:.4f}, val spatial loss {vsl:.4f}")
                 first_val_loss = vce if first_val_loss is None else first_val_loss
                 if not math.isfinite(tce + vce + vsl) or vce > 2 * first_val_loss + 1:  # diverged: never saved
-                    raise UsageError(f"training diverged at iter {iter_num} (val ce {vce:.4g}, it started at "
-                                     f"{first_val_loss:.4g}) and stopped; {last_checkpoint(ckpt_path, saved)}. "
-                                     f"Try a lower learning_rate or alpha.")
+                    raise diverged(f"val ce {vce:.4g}, it started at {first_val_loss:.4g}")
                 best_val_loss = min(best_val_loss, vce)
                 if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
                     left, saved = last_checkpoint(ckpt_path, saved), iter_num  # (a Ctrl-C in the save comes after it)
                     save_checkpoint(ckpt_path, checkpoint_of(raw_model, iter_num, cfg, optimizer, dev, best_val_loss,
                                                              first_val_loss, scaler=scaler.state_dict()), left)
                 if iter_num in snapshots and (iter_num > start_iter or not cfg['resume']):  # (for analyze.py)
-                    snapshot = checkpoint_of(raw_model, iter_num, cfg, losses=dict(train=tce, val=vce, val_spatial=vsl))
-                    save_checkpoint(f"{cfg['out_dir']}/snapshots/step_{iter_num:06d}.pt", snapshot,
-                                    last_checkpoint(ckpt_path, saved))
+                    save_checkpoint(os.path.join(cfg['out_dir'], 'snapshots', f'step_{iter_num:06d}.pt'), checkpoint_of(
+                        raw_model, iter_num, cfg, losses=dict(train=tce, val=vce, val_spatial=vsl)),
+                        last_checkpoint(ckpt_path, saved))
                 t0, it0 = time.time(), iter_num
             if iter_num >= cfg['max_iters']:
                 break
-            next_batch = lambda: batch('train', windows=cfg['alpha'] > 0)
-            loss, norm = train_step(model, optimizer, scaler, ctx, next_batch, accum, cfg['grad_clip'])
+            loss, norm = train_step(model, optimizer, scaler, ctx, lambda: batch('train'), accum, cfg['grad_clip'])
             iter_num += 1
             if master and iter_num % cfg['log_interval'] == 0:  # the one wait for the device, every log_interval
                 loss, dt = loss.item(), (time.time() - t0) / (iter_num - it0)
                 if not math.isfinite(loss):  # (a non-finite step has reached the weights, unless fp16 skipped it)
-                    raise UsageError(f"loss {loss}, gradient norm {norm.item():.4g} at iter {iter_num}: training "
-                                     f"diverged and stopped; {last_checkpoint(ckpt_path, saved)}. Try a lower "
-                                     f"learning_rate or alpha.")
+                    raise diverged(f"loss {loss}, gradient norm {norm.item():.4g}")
                 parts = f"spatial {raw_model.spatial_loss.item():.4f}" if cfg['alpha'] > 0 else 'control'
                 print(f"iter {iter_num}: loss {loss:.4f} (ce {raw_model.ce_loss.item():.4f}, {parts}), lr {lr:.2e}, "
                       f"{dt * 1000:.0f} ms/iter, {tokens_per_iter / dt:,.0f} tok/s", flush=True)
@@ -542,15 +488,14 @@ def main(argv):
         destroy_process_group()
 
 # =============================================================================
-# Plumbing that is not the model: command line, devices, precision, checkpoint files, command(), the official
-# checkpoint's reader. The same in topo_gpt.py and topoformer.py: a test keeps the copies identical.
+# Plumbing that is not the model: command line, devices, precision, checkpoint files, command() (the same in
+# topo_gpt.py and topoformer.py: a test keeps the copies identical); last, the official checkpoint's reader.
 
 class UsageError(ValueError):
     """Bad input: one line, no traceback (command()). The models raise it for a shape they cannot take."""
 
 def parse_config(argv, defaults, presets, doc, source):
-    """The defaults, then --preset=NAME, then each --key=value (a bare --flag: True), read by argparse; --help shows
-    each key's comment in source, and a value must pass its check (x >= 1, 0 <= x < 1, a|b) -> (config, keys set)"""
+    """The defaults, --preset=NAME over them, each --key=value (a bare --flag: True) over both -> (config, keys set)."""
     with open(source, encoding='utf-8') as f:
         notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", f.read().split('\nDEFAULTS')[0], re.M))
     checks = {k: (re.match(r"((?:\S+ <=? )?x [<>]=? \S+|[\w-]*(?:\|[\w-]*)+): ", notes[k]) or [''] * 2)[1]
@@ -558,16 +503,14 @@ def parse_config(argv, defaults, presets, doc, source):
     parser = argparse.ArgumentParser(os.path.basename(source), '%(prog)s [--key=value ...]', doc, '\n'.join(
         f"--preset={name}: {p}" for name, p in presets.items()), formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False, argument_default=argparse.SUPPRESS)
-
-    def error(message):
+    def error(message):  # argparse's own messages (a bad type, an unknown key, ...), as a UsageError
         raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
     parser.error = error
     for key, default in defaults.items():
         choices = ['', *presets] if key == 'preset' else checks[key].split('|') if '|' in checks[key] else None
         flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
         parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices,
-                            metavar='True|False' if flag else '',
-                            help=f"{notes[key]} ({default!r})", **flag)
+                            metavar='True|False' if flag else '', help=f"{notes[key]} ({default!r})", **flag)
     given = vars(parser.parse_args(argv))
     given = {**presets.get(given.get('preset'), {}), **given}  # explicit keys win over the preset
     for key, value in given.items():
@@ -577,14 +520,11 @@ def parse_config(argv, defaults, presets, doc, source):
     return {**defaults, **given}, given
 
 def boolean(text):
-    """A boolean on the command line: True, False, 1 or 0."""
-    if text.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(text)
-    return text.lower() in ('true', '1')
+    """A boolean on the command line: True, False, 1 or 0 (else a ValueError, which argparse reports)."""
+    return ['false', '0', 'true', '1'].index(text.lower()) >= 2
 
 def start_processes(device):
-    """One process, or one per device under torchrun (DDP), on --device: under torchrun its local rank's GPU, made
-    the current device so that synchronize, memory figures and bf16 support ask it -> (ddp, rank, world, device)"""
+    """One process, or one per device under torchrun (DDP) -> (ddp, rank, world, device), a GPU made current."""
     rank, world, local, n_local = [int(os.environ.get(k, 0))
                                    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')]
     n_gpus, mps = torch.cuda.device_count() if torch.cuda.is_available() else 0, torch.backends.mps.is_available()
@@ -596,20 +536,17 @@ def start_processes(device):
         raise UsageError(f"--device={device}: not a device (this machine has cpu{f', {n_gpus} GPUs' * bool(n_gpus)}"
                          f"{', mps' * mps}){f'; start at most --nproc_per_node={n_gpus}' * bool(n_local)}")
     if 'cuda' in dev:
-        torch.cuda.set_device(dev)
+        torch.cuda.set_device(dev)  # synchronize, memory figures and bf16 support then ask this GPU
     if 'RANK' in os.environ:
         init_process_group(backend='nccl' if 'cuda' in dev else 'gloo')
-        # main()'s DDP(broadcast_buffers=False) (the buffers are alike on every rank) is deprecated from torch 2.13,
-        # for an argument that older torch lacks: its notice, printed by every rank, asks for nothing here
+        # torch 2.13 deprecates main()'s DDP(broadcast_buffers=False) (the buffers are alike everywhere): no notice
         warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated', category=FutureWarning)
     if dev == 'cpu':
         keep_freed_memory()
     return 'RANK' in os.environ, rank, max(world, 1), dev
 
 def precision(name, dev):
-    """--dtype (auto: bfloat16 where the GPU or CPU has it natively, else float16 and a gradient scaler on CUDA, float32
-    elsewhere) -> (dtype, autocast context, gradient scaler). TF32 only in float32 runs: under autocast the float32
-    products (the spatial loss) stay float32."""
+    """--dtype -> (dtype, autocast, scaler); auto: bf16 where native, else fp16 with a scaler on CUDA, else float32."""
     kind = dev.split(':')[0]
     native = (torch.cuda.is_bf16_supported(including_emulation=False) if kind == 'cuda' else kind == 'cpu' and any(
         getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')))
@@ -617,7 +554,7 @@ def precision(name, dev):
     if dtype == 'float16' and kind == 'cpu' or dtype == 'bfloat16' and kind == 'cuda' and not native:
         raise UsageError(f"--dtype={dtype}: this {'GPU has no native bf16' if kind == 'cuda' else 'needs a GPU'}; use "
                          f"{'float16' if kind == 'cuda' else 'bfloat16'} or float32")
-    torch.backends.cuda.matmul.allow_tf32 = dtype == 'float32'
+    torch.backends.cuda.matmul.allow_tf32 = dtype == 'float32'  # (under autocast, float32 products stay float32)
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=kind, dtype=getattr(torch, dtype))
     return dtype, ctx, torch.amp.GradScaler(kind, enabled=dtype == 'float16')
 
@@ -634,10 +571,8 @@ def to_device(dev, *tensors):
             for t in tensors]
 
 def keep_freed_memory():
-    """glibc gives big freed blocks (the logits, their gradient) back to the OS, and writing fresh pages is slow on
-    some machines: a CPU step takes twice as long (docs/speed.md). Keep them for the next step."""
+    """glibc hands big freed blocks (the logits) back, and fresh pages are slow to write (docs/speed.md): keep them."""
     try:
-        import ctypes
         libc = ctypes.CDLL('libc.so.6')
         libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: big blocks come from the heap, not fresh mmaps
         libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD = -1: never hand freed heap memory back
@@ -648,8 +583,7 @@ def check_schedule(cfg):
     """Check the learning-rate schedule; the steps of --snapshot_iters (log: 0, 25, 50, 100, 200, ... and the last)."""
     spec, last = cfg['snapshot_iters'].replace(' ', ''), cfg['max_iters']
     if cfg['min_lr'] > cfg['learning_rate']:
-        raise UsageError(f"--min_lr={cfg['min_lr']:g} is above --learning_rate={cfg['learning_rate']:g}: the schedule "
-                         f"decays from learning_rate down to min_lr")
+        raise UsageError(f"--min_lr={cfg['min_lr']:g} is above --learning_rate={cfg['learning_rate']:g}")
     if spec != 'log' and (not re.fullmatch(r'(\d+(,\d+)*)?', spec) or any(int(s) > last for s in spec.split(',') if s)):
         raise UsageError(f"--snapshot_iters={spec}: expected log, or steps from 0 to max_iters={last} such as 0,50,100")
     if spec == 'log':
@@ -670,8 +604,8 @@ def signals_deferred():
             os.kill(os.getpid(), s)  # delivered now, to the handler that was there before
 
 def save_checkpoint(path, ckpt, left):
-    """ckpt into path via a temporary file and a rename, Ctrl-C held off: a kill, an interrupt or a full disk leaves
-    the previous file whole. left: what the run leaves behind (last_checkpoint), said if the save fails."""
+    """ckpt into path via a temporary file and a rename, Ctrl-C held off: a kill or a full disk leaves the old file
+    whole; a failed save says left, what the run leaves behind (last_checkpoint)."""
     with signals_deferred():
         try:
             os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -688,8 +622,7 @@ def save_checkpoint(path, ckpt, left):
     print(f"saved {path}")
 
 def checkpoint_of(model, iter_num, cfg, optimizer=None, dev=None, best_val_loss=None, first_val_loss=None, **more):
-    """A snapshot: the model (its grid places too), the step, the user's config; with the optimizer, a checkpoint:
-    all that a bit-exact resume needs besides (more: the fp16 scaler's state), the RNG state of its own GPU included."""
+    """A snapshot (model, places, step, config); with the optimizer a checkpoint, all that a bit-exact resume needs."""
     ckpt = dict(model_type=MODEL_TYPE, model_args=asdict(model.config), model=model.state_dict(), iter_num=iter_num,
                 config=cfg, **more)
     if optimizer is not None:
@@ -728,9 +661,7 @@ def set_rng_state(rng, dev, ddp_seed=None):
         torch.cuda.set_rng_state(rng['cuda'], dev)
 
 def resume_config(ckpt, given, path):
-    """The run's own config, then the keys given now, but the model's own fields (its config class's: the shape, and
-    alpha, radius, seed or sq, sr, wrap, ...) stay the checkpoint's. Says from which step, what it ignores and what
-    a changed schedule does to the lr."""
+    """The run's config, the keys given now over it, the model's fields (shape, alpha, sq, ...) the checkpoint's."""
     old = {**DEFAULTS, **ckpt['config']}
     cfg = {**old, **given, **{k: v for k, v in ckpt['model_args'].items() if k in old}}
     ignored = ', '.join(f'--{k}' for k, v in ckpt['model_args'].items() if k in given and given[k] != v)
@@ -749,20 +680,17 @@ def writable_dir(path):
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out_dir={path} is not a folder this run can write ({existing} is "
-                         f"{'not a folder' if not os.path.isdir(existing) else 'not writable'})")
+        raise UsageError(f"--out_dir={path} is not a folder this run can write ({existing} is not a writable folder)")
 
 def command(main, argv, interrupted=''):
-    """main as a command: a UsageError is one line and exit 2, Ctrl-C one line (what the run leaves behind: the
-    interrupt's words, else interrupted) and exit 130; under torchrun the first process speaks for all."""
+    """main as a command: a UsageError is one line, exit 2; Ctrl-C one line, what is left, exit 130."""
     rank = int(os.environ.get('RANK', 0))
     try:
         main(argv)
         return 0
     except UsageError as e:
         if rank:
-            # every process meets the same bad input, and torchrun stops the others as soon as one exits: wait, so
-            # that the first is not stopped before it has said why (still here: it did not meet it, so say it here)
+            # torchrun stops all as soon as one exits: let the first say why (still here: it did not, say it here)
             time.sleep(30)
         print(f"error: {f'process {rank}: ' * bool(rank)}{e}", file=sys.stderr)
         return 2
@@ -778,54 +706,42 @@ def command(main, argv, interrupted=''):
         return 1
 
 def read_pickled(path, torch_file=False):
-    """A pickle (torch_file: a torch.save file) of the official TopoLM code: its OmegaConf config and LayerPositions
-    come back as plain objects, their attributes in __dict__, so that neither omegaconf nor its code is needed."""
+    """A pickle (torch_file: torch.save's) of the official TopoLM code, its OmegaConf, LayerPositions plain objects."""
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
             if module.split('.')[0] in ('omegaconf', 'positions'):
-                return type(name, (), {'__setstate__': lambda self, state: self.__dict__.update(
-                    state if isinstance(state, dict) else {'state': state})})
+                return type(name, (), {})  # a plain class: pickle puts the object's state in its __dict__
             return super().find_class(module, name)
     if torch_file:
-        return torch.load(path, map_location='cpu', weights_only=False, mmap=True, pickle_module=SimpleNamespace(
-            Unpickler=Unpickler, load=lambda f, **kw: Unpickler(f, **kw).load(), __name__='pickle'))
+        return torch.load(path, map_location='cpu', weights_only=False, mmap=True,  # (a module-like: its Unpickler)
+                          pickle_module=type('pickle', (), {'Unpickler': Unpickler}))
     with open(path, 'rb') as f:
         return Unpickler(f).load()
 
 def read_official(path, positions_dir=None):
     """A checkpoint of the official TopoLM code (models/train.py), or its loaded dict -> (GPTConfig's fields, our state
-    dict). Its model_args spell n_embed, with_resid is our residual_maps; each map's unit places are the coordinates
-    of the official position pickles, positions_dir/layer.{i}.{attn,mlp}.pkl (default: its position_dir beside it)."""
+    dict); each map's places are those of positions_dir/layer.{l}.{attn,mlp}.pkl (default: its position_dir)."""
     ckpt = read_pickled(path, torch_file=True) if isinstance(path, str) else path
     args = ckpt.get('model_args') if isinstance(ckpt, dict) else None
-    if not isinstance(args, dict) or 'n_embed' not in args or 'model' not in ckpt:
-        raise ValueError("not a checkpoint of the official TopoLM code (no model_args with n_embed)")
-    if any(args.get(k) for k in ('head_loss', 'attn_proj', 'finetune')):
-        raise ValueError("an official model variant that this repo does not implement (head_loss, attn_proj, finetune)")
-    if positions_dir is None:
-        if not isinstance(path, str) or 'position_dir' not in args:
-            raise ValueError("positions_dir is needed: where the official position pickles are")
-        positions_dir = os.path.join(os.path.dirname(os.path.abspath(path)), args['position_dir'])
+    if not isinstance(args, dict) or 'n_embed' not in args or any(args.get(k) for k in ('head_loss', 'attn_proj')):
+        raise ValueError("not a checkpoint of the official TopoLM code's GPT-2 (model_args with n_embed, no head_loss)")
+    positions_dir = positions_dir or os.path.join(os.path.dirname(os.path.abspath(path)), args.get('position_dir', ''))
     side, coords = math.isqrt(args['n_embed']), []
     for name in (f'layer.{l}.{s}' for l in range(args['n_layer']) for s in ('attn', 'mlp')):
         file = os.path.join(positions_dir, f'{name}.pkl')
         if not os.path.isfile(file):
-            raise ValueError(f"no unit positions {file}: the official model's places are its position pickles "
-                             f"(models/gpt2-positions/ in the official repository)")
+            raise ValueError(f"no unit positions {file} (the official repository's models/gpt2-positions/)")
         layer = read_pickled(file).__dict__
         coords.append(torch.as_tensor(layer['coordinates']).round().long())
         if coords[-1].shape != (side * side, 2) or not ((0 <= coords[-1]) & (coords[-1] < side)).all():
-            raise ValueError(f"the unit positions {file} are not places on the {side} x {side} lattice of the "
-                             f"model's n_embed={args['n_embed']} units: positions of another model size?")
+            raise ValueError(f"{file} holds no places on a {side} x {side} grid: positions of another model size?")
     window = int(torch.as_tensor(layer['neighborhood_indices'])[0].sum())  # (2 radius - 1)^2 units
     state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}  # saved from torch.compile
-    # the published places (gpt2-positions-5-5) put some units on one cell and leave others empty: unit_pos keeps
-    # them as they are; grid, then no exact inverse, lists the units in the order of their places
+    # the published places can put two units on a cell (docs/deviations.md): unit_pos keeps them, grid is their order
     state.update(unit_pos=torch.stack(coords), grid=grid_of(torch.stack(coords), side))
-    return dict(n_layer=args['n_layer'], n_head=args['n_head'], n_embd=args['n_embed'], block_size=args['block_size'],
-                vocab_size=args['vocab_size'], dropout=args['dropout'], bias=args['bias'],
-                alpha=args.get('alpha', 0.25), n_neighborhoods=int(layer['neighborhoods_per_batch']),
-                radius=(math.isqrt(window) + 1) // 2, residual_maps=args.get('with_resid', True)), state
+    return dict({k: args[k] for k in ('n_layer', 'n_head', 'block_size', 'vocab_size', 'dropout', 'bias')},
+                n_embd=args['n_embed'], alpha=args.get('alpha', 0.25), residual_maps=args.get('with_resid', True),
+                n_neighborhoods=int(layer['neighborhoods_per_batch']), radius=(math.isqrt(window) + 1) // 2), state
 
 if __name__ == '__main__':
     sys.exit(command(main, sys.argv[1:]))

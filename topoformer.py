@@ -1,32 +1,29 @@
-"""
-Topoformer: a BERT whose attention units sit on a 2-D grid.
+"""Topoformer: a BERT whose attention units sit on a 2-D grid.
 
-Binhuraib, Tuckute, Blauch. "Topoformer: brain-like topographic organization in Transformer language
-models through spatial querying and reweighting". arXiv 2510.18745 (2025). Official code:
-TahaBinhuraib/topoformer, and its BERT in TahaBinhuraib/cramming_local.
+Binhuraib, Tuckute, Blauch. "Topoformer: brain-like topographic organization in Transformer language models through
+spatial querying and reweighting". arXiv 2510.18745 (2025). Official code: TahaBinhuraib/topoformer, and its BERT in
+TahaBinhuraib/cramming_local.
 
-A pre-LayerNorm BERT (bidirectional attention, GELU-GLU feed-forward, tied embeddings) trained with masked
-language modelling. The D = side*side units of the queries, keys, values and attention outputs sit on a
-side x side grid in [0, 1)^2 (a torus by default), and two fixed local connectivity patterns make
-neighbouring units respond alike:
+A pre-LayerNorm BERT (bidirectional attention, GELU-GLU feed-forward, tied embeddings) trained with masked language
+modelling. The D = side*side units of the queries, keys, values and attention outputs sit on a side x side grid in
+[0, 1)^2 (a torus by default), and two fixed local connectivity patterns make neighbouring units respond alike:
 
   spatial querying (SQ):    q' = q M,   scores = q' k^T / sqrt(D)
-      M[i, j] = 1 when unit j is within radius r of unit i, r = sqrt(sq / pi) (a disc covering a fraction
-      sq of the grid), normalised: each key unit is matched against the pooled queries of its disc.
+      M[i, j] = 1 when unit j is within radius r of unit i, r = sqrt(sq / pi) (a disc covering a fraction sq of the
+      grid), normalised: each key unit is matched against the pooled queries of its disc.
   spatial reweighting (SR): out = y |W_o * M_sr|^T + b_sr,   then dense(out) joins the residual stream
-      the output projection is locally connected: output unit i reads only the units of the attention
-      output y within the disc of area sr around it; a dense projection follows, as in the official BERT.
+      the output projection is locally connected: output unit i reads only the units of the attention output y
+      within the disc of area sr around it; a dense projection follows, as in the official BERT.
 
-sq = sr = 1 is the non-topographic control: plain queries and a dense output projection. Read top to
-bottom: config, the grid, the model, data, the training loop's own functions, main(); last, the plumbing
-that is not the model (command line, devices, files), the same as topo_gpt.py's.
+sq = sr = 1 is the non-topographic control: plain queries and a dense output projection. Read top to bottom: config,
+the grid, the model, data, the training loop and main(); last, the plumbing that is not the model (command line,
+devices, files), the same as topo_gpt.py's.
 """
 
 import os
-# Before torch loads OpenMP: its threads sleep while they wait instead of spinning. On a machine whose
-# cores are shared (a laptop, a CI box), spinning threads starve the one they wait for (docs/speed.md).
+# before torch loads OpenMP: waiting threads sleep, so that on shared cores they starve no other (docs/speed.md)
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-import re, sys, math, time, json, signal, argparse, warnings
+import re, sys, math, time, json, ctypes, signal, argparse, warnings
 from contextlib import nullcontext, contextmanager
 from dataclasses import dataclass, asdict, fields
 import numpy as np
@@ -36,9 +33,7 @@ from torch.nn import functional as F
 from torch.distributed import init_process_group, destroy_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# -----------------------------------------------------------------------------
-# config, each key overridable as --key=value: its comment is its --help, and a check before the comment's
-# colon (x >= 1, 0 <= x < 1, a|b) says which values the command line accepts
+# ---- config, each key a --key=value: its comment is its --help, a check before the colon (x >= 1, a|b) its values ----
 # I/O
 out_dir = 'out-topoformer'  # where ckpt.pt is written
 eval_interval = 250  # x >= 1: evaluate, and save a checkpoint, every this many steps
@@ -87,10 +82,9 @@ seed = 1337  # x >= 0: seeds the batches and the masks
 preset = ''  # a named set of overrides, applied before the other keys (see PRESETS)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and type(v) in (bool, int, float, str)}
-# --task=sentiment brings its own defaults, under any preset and explicit key: the paper's first experiment, a
-# 1-layer Topoformer on a 20 x 20 grid classifying IMDB reviews (the official config_text.yaml, train_imdb.py),
-# one epoch's worth of draws (700 x 32 of the 22.5k training reviews, with replacement) instead of its 20 of
-# 256, to finish on a laptop
+# --task=sentiment brings its own defaults, under any preset and explicit key: the paper's first experiment, a 1-layer
+# Topoformer on a 20 x 20 grid classifying IMDB reviews (the official config_text.yaml, train_imdb.py), one epoch's
+# worth of draws (700 x 32 of the 22.5k training reviews, with replacement) instead of its 20 of 256, for a laptop
 TASK_DEFAULTS = {
     'mlm': {},
     'sentiment': dict(out_dir='out-sentiment', n_layer=1, n_head=1, n_embd=400, ffn_size=1600, block_size=256,
@@ -119,8 +113,7 @@ PAD_ID = 50258  # [PAD]: fills IMDB reviews up to the longest of the batch; neve
 IGNORE_INDEX = -100  # MLM targets at the positions that were not masked (PyTorch's default)
 MASK_PROB = 0.15  # BERT: 15% of the tokens are predicted
 
-# -----------------------------------------------------------------------------
-# The grid: units on a side x side grid in [0, 1)^2, and the discs of SQ and SR
+# ---- The grid: units on a side x side grid in [0, 1)^2, and the discs of SQ and SR -----------------------------------
 
 def grid_coords(side):
     """(side*side, 2) integer lattice coordinates (row, col): unit i is at (i // side, i % side)."""
@@ -137,8 +130,7 @@ def disc_mask(side, frac, wrap=True):
     grid: pi r^2 = frac. Symmetric; on the flat grid the discs near an edge are cut off."""
     return (grid_distances(side, wrap) <= math.sqrt(frac / math.pi)).to(torch.get_default_dtype())
 
-# -----------------------------------------------------------------------------
-# The model: a pre-LayerNorm BERT whose self-attention queries and reweights spatially
+# ---- The model: a pre-LayerNorm BERT whose self-attention queries and reweights spatially ----------------------------
 
 @dataclass
 class TopoformerConfig:
@@ -163,7 +155,6 @@ class SpatialSelfAttention(nn.Module):
         y = softmax(q' k^T / sqrt(D)) v                 one head of size D, as in the paper
         out = y |W_o * M_sr|^T + b_sr                   SR: a locally connected output projection
         dense(out)                                      what the block adds to the residual stream"""
-
     def __init__(self, config):
         super().__init__()
         D, side = config.n_embd, math.isqrt(config.n_embd)
@@ -186,9 +177,8 @@ class SpatialSelfAttention(nn.Module):
                              persistent=False)  # (D, D) 0/1; None: dense
 
     def fold_queries(self, w_q):
-        """A speed trick, set apart: q M = x (M W_q)^T, M fixed and symmetric, so M is folded into the D x D weight
-        once a forward pass instead of pooling every one of the B*T queries (the official code's extra (B*T) x D x D
-        matmul); on the torus by FFT. test_topo.py checks it against q M."""
+        """A speed trick, set apart: q M = x (M W_q)^T (M fixed, symmetric): M folded into the D x D weight, by FFT on
+        the torus, not into each of the B*T queries (the official (B*T) x D x D matmul). test_topo.py checks it."""
         if self.sq_kernel is None or w_q.device.type == 'mps':  # (the FFT path is untested on MPS)
             return self.sq_matrix @ w_q
         D, side = w_q.size(0), self.sq_kernel.size(0)
@@ -201,16 +191,14 @@ class SpatialSelfAttention(nn.Module):
         q = F.linear(x, w_q)  # (B, T, D) the pooled queries q' = q M
         k, v = self.c_kv(x).split(D, dim=2)  # (B, T, D) each
         qh, kh, vh = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        # scores / sqrt(hs) (= sqrt(D) with the one head); key_mask hides [PAD] keys; the fastest kernel the device
-        # has for the head size (CUDA's flash attention takes heads up to 256, so the paper's one head of 784 gets the
-        # memory-efficient one); no dropout on the attention weights (the official BERT's is 0)
+        # scores / sqrt(hs) (= sqrt(D) with one head); key_mask hides [PAD] keys; no dropout on the attention weights
+        # (the official BERT's is 0); CUDA's flash attention takes heads up to 256: the paper's 784, the efficient one
         y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=key_mask).transpose(1, 2).contiguous().view(B, T, D)
         w_o = self.c_proj.weight  # (D, D): w_o[i, j] connects unit j of y to unit i of the output
         if self.sr_mask is not None:
-            # SR: masked in the forward pass, so the weights outside the disc get zero gradient (they are zero from
-            # the init on). sr_nonneg uses |W_o|, as the official code does by rewriting the weights in place: each
-            # output unit is then a positive sum over its disc, neighbours share most of it, and the out maps turn
-            # topographic, as the paper reports; signed local weights do not (docs/deviations.md)
+            # SR: masked here, so the weights outside the disc get zero gradient (zero from the init on). sr_nonneg:
+            # |W_o|, as the official code does in place: each output unit a positive sum over its disc, shared with its
+            # neighbours, so the out maps turn topographic as the paper reports; signed ones do not (docs/deviations.md)
             w_o = (w_o.abs() if self.sr_nonneg else w_o) * self.sr_mask
         out = F.linear(y, w_o, self.c_proj.bias)  # (B, T, D): the 'out' map, where the official code looks
         # return_maps: the queries before pooling are the paper's query maps (an extra matmul, here only)
@@ -219,7 +207,6 @@ class SpatialSelfAttention(nn.Module):
 
 class MLP(nn.Module):
     """GELU-GLU, as the paper's BERT: D -> ffn_size, one half gated by the GELU of the other, ffn_size / 2 -> D."""
-
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.ffn_size, bias=False)
@@ -231,7 +218,6 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(a * F.gelu(gate)))
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
@@ -245,13 +231,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)), maps
 
 class Topoformer(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         side = math.isqrt(config.n_embd)
         if side * side != config.n_embd:
-            raise UsageError(f"n_embd={config.n_embd} is not a perfect square: the units must tile a side x side grid "
-                             f"(e.g. 256 = 16 x 16, 400 = 20 x 20, 784 = 28 x 28)")
+            raise UsageError(f"n_embd={config.n_embd} is not a perfect square (256 = 16 x 16 units, 784 = 28 x 28)")
         if config.n_embd % config.n_head:
             raise UsageError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         if not (0 < config.sq <= 1 and 0 < config.sr <= 1):
@@ -341,34 +325,21 @@ class Topoformer(nn.Module):
         return torch.topk(F.softmax(logits, dim=-1), k, dim=-1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
-        # weight decay on 2-D tensors (matmul weights, embeddings), none on biases and LayerNorms (the official BERT
-        # exempts by name, and its LayerNorms' names miss its keys: it decays their weights)
+        # weight decay on 2-D tensors, none on biases and LayerNorms (the official BERT, exempting by name, decays its)
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=(device_type == 'cuda') or None)
 
-    def flops_per_token(self):
-        """Training flops per token (PaLM appendix B, as nanoGPT). The prediction head and the decoder run on the
-        15% of the tokens that are masked (MLM), the embedding is a lookup; the SQ fold is not counted."""
-        cfg, D = self.config, self.config.n_embd
-        head = 0 if cfg.n_class else cfg.vocab_size * D + D * D  # the decoder (tied to the embedding) and the head
-        per_token = self.get_num_params() - cfg.vocab_size * D - (0 if cfg.n_class else D * D)
-        return 6 * (per_token + MASK_PROB * head) + 12 * cfg.n_layer * D * cfg.block_size
-
     @classmethod
     def from_checkpoint(cls, path, device='cpu'):
         """The trained model of a ckpt.pt or snapshot written by this script (or its loaded dict), in eval mode."""
         ckpt = load_checkpoint(path) if isinstance(path, str) else path
-        if ckpt.get('model_type') != MODEL_TYPE:
-            raise ValueError("not a Topoformer checkpoint written by topoformer.py")
         model = cls(TopoformerConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt['model'])
         return model.to(device).eval()
 
-# -----------------------------------------------------------------------------
-# Data. MLM: nanoGPT's loader, random chunks of the uint16 token files that prepare_data.py writes, masked as
-# BERT does. Sentiment: the IMDB reviews, tokenized into memory once.
+# ---- Data. MLM: nanoGPT's loader on the token files of prepare_data.py, masked as BERT does; sentiment: IMDB ---------
 
 def mask_tokens(x, generator=None):
     """BERT's masking of a (B, T) batch: each token but the special ones (end-of-text, [PAD]) is picked with
@@ -389,7 +360,7 @@ def open_split(cfg, split):
     """data_dir/dataset/split.bin as uint16 tokens, checked against meta.json, which prepare_data.py writes last."""
     folder = os.path.join(cfg['data_dir'], cfg['dataset'])
     path = os.path.join(folder, f'{split}.bin')
-    rerun = f"prepare it with `python prepare_data.py` (Shakespeare) or `... --input=YOUR_TEXT --name={cfg['dataset']}`"
+    rerun = f"run prepare_data.py (Shakespeare) or prepare_data.py --input=YOUR_TEXT --name={cfg['dataset']}"
     if not os.path.isfile(path):
         raise UsageError(f"no {path}: {rerun}")
     try:
@@ -398,8 +369,7 @@ def open_split(cfg, split):
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{folder} has no complete meta.json (an interrupted prepare_data.py?): {rerun}") from None
     if os.path.getsize(path) != 2 * n:
-        raise UsageError(f"{path} holds {os.path.getsize(path)} bytes, not the {n} tokens of meta.json: the folder "
-                         f"is mixed or damaged; {rerun}")
+        raise UsageError(f"{path} does not hold the {n} tokens of meta.json, mixed or damaged: {rerun}")
     if n <= cfg['block_size'] + 1:
         raise UsageError(f"{path} has {n} tokens, too few for block_size={cfg['block_size']}")
     return np.memmap(path, dtype=np.uint16, mode='r')
@@ -432,18 +402,15 @@ def load_imdb(imdb_dir, split, block_size):
                          f"TIKTOKEN_CACHE_DIR at a copy of tiktoken's cache (see README)") from None
     ids = [t[:block_size] for t in enc.encode_ordinary_batch(texts)]
     keep = [i for i, t in enumerate(ids) if t]  # an empty review has nothing to classify
-    tokens = torch.full((len(keep), block_size), PAD_ID, dtype=torch.long)
-    for row, i in enumerate(keep):
-        tokens[row, :len(ids[i])] = torch.tensor(ids[i])
-    return tokens, torch.tensor(labels)[keep]
+    tokens = [F.pad(torch.tensor(ids[i]), (0, block_size - len(ids[i])), value=PAD_ID) for i in keep]
+    return torch.stack(tokens), torch.tensor(labels)[keep]
 
 def imdb_batch(tokens, labels, ix):
     # x: (B, T) reviews padded up to the longest of the batch, y: (B,) labels
     x = tokens[ix]
     return x[:, :int((x != PAD_ID).sum(1).max())], labels[ix]
 
-# -----------------------------------------------------------------------------
-# The training loop's own functions: the learning rate, one step, an evaluation
+# ---- The training loop: its own functions (the learning rate, one step, an evaluation), then main() ------------------
 
 def get_lr(it, cfg):
     """Linear warmup, then cosine decay to min_lr. Depends on the iteration only (for resume)."""
@@ -456,22 +423,20 @@ def get_lr(it, cfg):
     return cfg['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg['learning_rate'] - cfg['min_lr'])
 
 def train_step(model, optimizer, scaler, ctx, next_batch, accum, grad_clip):
-    """One step over accum micro-batches, next_batch() -> (x, y, the model's other inputs) -> (loss, gradient norm),
-    tensors: nothing here waits for the device. (With fp16 the scaler skips a step with non-finite gradients.)"""
+    """One step of accum micro-batches, next_batch() -> (x, y, the model's other inputs) -> (loss, gradient norm)."""
     ddp = isinstance(getattr(model, '_orig_mod', model), DDP)  # (compiled: the DDP inside; no_sync reaches it)
     for micro_step in range(accum):
         x, y, kw = next_batch()
-        # under DDP the gradients are all-reduced once, after the last micro-batch
-        with model.no_sync() if ddp and micro_step < accum - 1 else nullcontext():
+        with model.no_sync() if ddp and micro_step < accum - 1 else nullcontext():  # DDP: all-reduce at the last only
             with ctx:
                 _, loss = model(x, y, **kw)
             scaler.scale(loss / accum).backward()
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
-    scaler.step(optimizer)
+    scaler.step(optimizer)  # (fp16: a step with gradients that are not finite is skipped)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), norm
+    return loss.detach(), norm  # tensors: nothing here waits for the device
 
 @torch.no_grad()
 def estimate_loss(model, batch, eval_iters, seed, ctx):
@@ -502,9 +467,6 @@ def accuracy(model, tokens, labels, batch_size, dev, ctx):
         with ctx:
             right += (model(x)[0].argmax(-1) == y).sum().item()
     return right / len(labels)
-
-# -----------------------------------------------------------------------------
-# The training loop
 
 def main(argv):
     cfg, given = parse_config(argv, DEFAULTS, PRESETS, HELP, __file__)
@@ -563,6 +525,8 @@ def main(argv):
     if saved is None and master and os.path.exists(ckpt_path):
         print(f"note: {ckpt_path} is an earlier run's; this run replaces it at its first save (--resume continues it)")
     t0, it0, what = time.time(), iter_num, 'loss' if sentiment else 'masked-token loss'
+    diverged = lambda why: UsageError(f"training diverged at iter {iter_num} ({why}) and stopped; "
+                                      f"{last_checkpoint(ckpt_path, saved)}. Try a lower learning_rate.")
     try:
         while True:
             lr = get_lr(iter_num, cfg)
@@ -574,9 +538,7 @@ def main(argv):
                       + (f", train acc {ta:.3f}, val acc {va:.3f}" if sentiment else ''))
                 first_val_loss = vl if first_val_loss is None else first_val_loss
                 if not math.isfinite(tl + vl) or vl > 2 * first_val_loss + 1:  # diverged: never saved
-                    raise UsageError(f"training diverged at iter {iter_num} (val loss {vl:.4g}, it started at "
-                                     f"{first_val_loss:.4g}) and stopped; {last_checkpoint(ckpt_path, saved)}. "
-                                     f"Try a lower learning_rate.")
+                    raise diverged(f"val loss {vl:.4g}, it started at {first_val_loss:.4g}")
                 best_val_loss = min(best_val_loss, vl)
                 if iter_num > start_iter:  # (a resumed run's first evaluation has nothing new to save)
                     left, saved = last_checkpoint(ckpt_path, saved), iter_num  # (a Ctrl-C in the save comes after it)
@@ -593,8 +555,7 @@ def main(argv):
             if master and iter_num % cfg['log_interval'] == 0:  # the one wait for the device, every log_interval
                 loss, dt = loss.item(), (time.time() - t0) / (iter_num - it0)
                 if not math.isfinite(loss):  # (a non-finite step has reached the weights, unless fp16 skipped it)
-                    raise UsageError(f"loss {loss}, gradient norm {norm.item():.4g} at iter {iter_num}: training "
-                                     f"diverged and stopped; {last_checkpoint(ckpt_path, saved)}. Lower learning_rate.")
+                    raise diverged(f"loss {loss}, gradient norm {norm.item():.4g}")
                 print(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                       f"{per_iter / dt:,.0f} {unit}/s", flush=True)
                 t0, it0 = time.time(), iter_num
@@ -615,8 +576,7 @@ class UsageError(ValueError):
     """Bad input: one line, no traceback (command()). The models raise it for a shape they cannot take."""
 
 def parse_config(argv, defaults, presets, doc, source):
-    """The defaults, then --preset=NAME, then each --key=value (a bare --flag: True), read by argparse; --help shows
-    each key's comment in source, and a value must pass its check (x >= 1, 0 <= x < 1, a|b) -> (config, keys set)"""
+    """The defaults, --preset=NAME over them, each --key=value (a bare --flag: True) over both -> (config, keys set)."""
     with open(source, encoding='utf-8') as f:
         notes = dict(re.findall(r"^(\w+) = .*?  # (.*)$", f.read().split('\nDEFAULTS')[0], re.M))
     checks = {k: (re.match(r"((?:\S+ <=? )?x [<>]=? \S+|[\w-]*(?:\|[\w-]*)+): ", notes[k]) or [''] * 2)[1]
@@ -624,16 +584,14 @@ def parse_config(argv, defaults, presets, doc, source):
     parser = argparse.ArgumentParser(os.path.basename(source), '%(prog)s [--key=value ...]', doc, '\n'.join(
         f"--preset={name}: {p}" for name, p in presets.items()), formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False, argument_default=argparse.SUPPRESS)
-
-    def error(message):
+    def error(message):  # argparse's own messages (a bad type, an unknown key, ...), as a UsageError
         raise UsageError(f"{message.removeprefix('argument ')} (see --help)")
     parser.error = error
     for key, default in defaults.items():
         choices = ['', *presets] if key == 'preset' else checks[key].split('|') if '|' in checks[key] else None
         flag = {'nargs': '?', 'const': True} if isinstance(default, bool) else {}  # a bare --flag is True
         parser.add_argument(f'--{key}', type=boolean if flag else type(default), choices=choices,
-                            metavar='True|False' if flag else '',
-                            help=f"{notes[key]} ({default!r})", **flag)
+                            metavar='True|False' if flag else '', help=f"{notes[key]} ({default!r})", **flag)
     given = vars(parser.parse_args(argv))
     given = {**presets.get(given.get('preset'), {}), **given}  # explicit keys win over the preset
     for key, value in given.items():
@@ -643,14 +601,11 @@ def parse_config(argv, defaults, presets, doc, source):
     return {**defaults, **given}, given
 
 def boolean(text):
-    """A boolean on the command line: True, False, 1 or 0."""
-    if text.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(text)
-    return text.lower() in ('true', '1')
+    """A boolean on the command line: True, False, 1 or 0 (else a ValueError, which argparse reports)."""
+    return ['false', '0', 'true', '1'].index(text.lower()) >= 2
 
 def start_processes(device):
-    """One process, or one per device under torchrun (DDP), on --device: under torchrun its local rank's GPU, made
-    the current device so that synchronize, memory figures and bf16 support ask it -> (ddp, rank, world, device)"""
+    """One process, or one per device under torchrun (DDP) -> (ddp, rank, world, device), a GPU made current."""
     rank, world, local, n_local = [int(os.environ.get(k, 0))
                                    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')]
     n_gpus, mps = torch.cuda.device_count() if torch.cuda.is_available() else 0, torch.backends.mps.is_available()
@@ -662,20 +617,17 @@ def start_processes(device):
         raise UsageError(f"--device={device}: not a device (this machine has cpu{f', {n_gpus} GPUs' * bool(n_gpus)}"
                          f"{', mps' * mps}){f'; start at most --nproc_per_node={n_gpus}' * bool(n_local)}")
     if 'cuda' in dev:
-        torch.cuda.set_device(dev)
+        torch.cuda.set_device(dev)  # synchronize, memory figures and bf16 support then ask this GPU
     if 'RANK' in os.environ:
         init_process_group(backend='nccl' if 'cuda' in dev else 'gloo')
-        # main()'s DDP(broadcast_buffers=False) (the buffers are alike on every rank) is deprecated from torch 2.13,
-        # for an argument that older torch lacks: its notice, printed by every rank, asks for nothing here
+        # torch 2.13 deprecates main()'s DDP(broadcast_buffers=False) (the buffers are alike everywhere): no notice
         warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated', category=FutureWarning)
     if dev == 'cpu':
         keep_freed_memory()
     return 'RANK' in os.environ, rank, max(world, 1), dev
 
 def precision(name, dev):
-    """--dtype (auto: bfloat16 where the GPU or CPU has it natively, else float16 and a gradient scaler on CUDA, float32
-    elsewhere) -> (dtype, autocast context, gradient scaler). TF32 only in float32 runs: under autocast the float32
-    products (the spatial loss) stay float32."""
+    """--dtype -> (dtype, autocast, scaler); auto: bf16 where native, else fp16 with a scaler on CUDA, else float32."""
     kind = dev.split(':')[0]
     native = (torch.cuda.is_bf16_supported(including_emulation=False) if kind == 'cuda' else kind == 'cpu' and any(
         getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')))
@@ -683,7 +635,7 @@ def precision(name, dev):
     if dtype == 'float16' and kind == 'cpu' or dtype == 'bfloat16' and kind == 'cuda' and not native:
         raise UsageError(f"--dtype={dtype}: this {'GPU has no native bf16' if kind == 'cuda' else 'needs a GPU'}; use "
                          f"{'float16' if kind == 'cuda' else 'bfloat16'} or float32")
-    torch.backends.cuda.matmul.allow_tf32 = dtype == 'float32'
+    torch.backends.cuda.matmul.allow_tf32 = dtype == 'float32'  # (under autocast, float32 products stay float32)
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=kind, dtype=getattr(torch, dtype))
     return dtype, ctx, torch.amp.GradScaler(kind, enabled=dtype == 'float16')
 
@@ -700,10 +652,8 @@ def to_device(dev, *tensors):
             for t in tensors]
 
 def keep_freed_memory():
-    """glibc gives big freed blocks (the logits, their gradient) back to the OS, and writing fresh pages is slow on
-    some machines: a CPU step takes twice as long (docs/speed.md). Keep them for the next step."""
+    """glibc hands big freed blocks (the logits) back, and fresh pages are slow to write (docs/speed.md): keep them."""
     try:
-        import ctypes
         libc = ctypes.CDLL('libc.so.6')
         libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: big blocks come from the heap, not fresh mmaps
         libc.mallopt(-1, -1)  # M_TRIM_THRESHOLD = -1: never hand freed heap memory back
@@ -714,8 +664,7 @@ def check_schedule(cfg):
     """Check the learning-rate schedule; the steps of --snapshot_iters (log: 0, 25, 50, 100, 200, ... and the last)."""
     spec, last = cfg['snapshot_iters'].replace(' ', ''), cfg['max_iters']
     if cfg['min_lr'] > cfg['learning_rate']:
-        raise UsageError(f"--min_lr={cfg['min_lr']:g} is above --learning_rate={cfg['learning_rate']:g}: the schedule "
-                         f"decays from learning_rate down to min_lr")
+        raise UsageError(f"--min_lr={cfg['min_lr']:g} is above --learning_rate={cfg['learning_rate']:g}")
     if spec != 'log' and (not re.fullmatch(r'(\d+(,\d+)*)?', spec) or any(int(s) > last for s in spec.split(',') if s)):
         raise UsageError(f"--snapshot_iters={spec}: expected log, or steps from 0 to max_iters={last} such as 0,50,100")
     if spec == 'log':
@@ -736,8 +685,8 @@ def signals_deferred():
             os.kill(os.getpid(), s)  # delivered now, to the handler that was there before
 
 def save_checkpoint(path, ckpt, left):
-    """ckpt into path via a temporary file and a rename, Ctrl-C held off: a kill, an interrupt or a full disk leaves
-    the previous file whole. left: what the run leaves behind (last_checkpoint), said if the save fails."""
+    """ckpt into path via a temporary file and a rename, Ctrl-C held off: a kill or a full disk leaves the old file
+    whole; a failed save says left, what the run leaves behind (last_checkpoint)."""
     with signals_deferred():
         try:
             os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -754,8 +703,7 @@ def save_checkpoint(path, ckpt, left):
     print(f"saved {path}")
 
 def checkpoint_of(model, iter_num, cfg, optimizer=None, dev=None, best_val_loss=None, first_val_loss=None, **more):
-    """A snapshot: the model (its grid places too), the step, the user's config; with the optimizer, a checkpoint:
-    all that a bit-exact resume needs besides (more: the fp16 scaler's state), the RNG state of its own GPU included."""
+    """A snapshot (model, places, step, config); with the optimizer a checkpoint, all that a bit-exact resume needs."""
     ckpt = dict(model_type=MODEL_TYPE, model_args=asdict(model.config), model=model.state_dict(), iter_num=iter_num,
                 config=cfg, **more)
     if optimizer is not None:
@@ -794,9 +742,7 @@ def set_rng_state(rng, dev, ddp_seed=None):
         torch.cuda.set_rng_state(rng['cuda'], dev)
 
 def resume_config(ckpt, given, path):
-    """The run's own config, then the keys given now, but the model's own fields (its config class's: the shape, and
-    alpha, radius, seed or sq, sr, wrap, ...) stay the checkpoint's. Says from which step, what it ignores and what
-    a changed schedule does to the lr."""
+    """The run's config, the keys given now over it, the model's fields (shape, alpha, sq, ...) the checkpoint's."""
     old = {**DEFAULTS, **ckpt['config']}
     cfg = {**old, **given, **{k: v for k, v in ckpt['model_args'].items() if k in old}}
     ignored = ', '.join(f'--{k}' for k, v in ckpt['model_args'].items() if k in given and given[k] != v)
@@ -815,20 +761,17 @@ def writable_dir(path):
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out_dir={path} is not a folder this run can write ({existing} is "
-                         f"{'not a folder' if not os.path.isdir(existing) else 'not writable'})")
+        raise UsageError(f"--out_dir={path} is not a folder this run can write ({existing} is not a writable folder)")
 
 def command(main, argv, interrupted=''):
-    """main as a command: a UsageError is one line and exit 2, Ctrl-C one line (what the run leaves behind: the
-    interrupt's words, else interrupted) and exit 130; under torchrun the first process speaks for all."""
+    """main as a command: a UsageError is one line, exit 2; Ctrl-C one line, what is left, exit 130."""
     rank = int(os.environ.get('RANK', 0))
     try:
         main(argv)
         return 0
     except UsageError as e:
         if rank:
-            # every process meets the same bad input, and torchrun stops the others as soon as one exits: wait, so
-            # that the first is not stopped before it has said why (still here: it did not meet it, so say it here)
+            # torchrun stops all as soon as one exits: let the first say why (still here: it did not, say it here)
             time.sleep(30)
         print(f"error: {f'process {rank}: ' * bool(rank)}{e}", file=sys.stderr)
         return 2
