@@ -293,7 +293,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """nanoGPT's: idx (B, T) continued by max_new_tokens draws from softmax(last logits / temperature), of the top_k."""
+        """nanoGPT's: idx (B, T) continued by max_new_tokens draws from softmax(last logits / temperature), top_k."""
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.config.block_size:])[0][:, -1, :] / temperature  # (B, vocab_size)
             logits[:, GPT2_VOCAB:] = -float('inf')  # never the vocabulary's padding
