@@ -38,8 +38,8 @@ def flops_per_token(model):
     the 15% of the tokens that are masked (MLM), or not at all (a classifier); the SQ fold is not counted."""
     cfg, D, params = model.config, model.config.n_embd, model.get_num_params()
     if isinstance(model, topoformer.Topoformer):
-        head = 0 if cfg.n_class else cfg.vocab_size * D + D * D  # the decoder and the MLM's dense head
-        params += topoformer.MASK_PROB * head - cfg.vocab_size * D - (0 if cfg.n_class else D * D)
+        head = cfg.vocab_size * D + (0 if cfg.n_class else D * D)  # the decoder (tied to the embedding), the MLM's head
+        params -= head * (1 if cfg.n_class else 1 - topoformer.MASK_PROB)  # run on the masked tokens only, or never
     return 6 * params + 12 * cfg.n_layer * D * cfg.block_size
 
 def compare_steps(steps, tokens, dev, rounds=10, block=4):
@@ -71,9 +71,9 @@ def compare_steps(steps, tokens, dev, rounds=10, block=4):
             sync()
             times[label].append((time.perf_counter() - t) / block)
     medians = {label: float(np.median(t)) for label, t in times.items()}
-    for label, (_, flops_per_token) in steps.items():
+    for label, (_, per_token) in steps.items():
         s = medians[label]
-        flops = flops_per_token * tokens / s
+        flops = per_token * tokens / s
         rate = f"mfu {flops / peak[0]:.1%}" if peak else f"{flops / 1e9:5.1f} GFLOP/s"
         print(f"{label:34s} {s * 1000:8.1f} ms/step  {tokens / s:9,.0f} tok/s  peak {memory[label]:7,.0f} MiB  {rate}")
     (la, a), (lb, b) = times.items()

@@ -408,7 +408,7 @@ def command(main, argv, interrupted=''):
         return 0
     except UsageError as e:
         if rank:
-            # torchrun stops all as soon as one exits: let the first say why (still here: it did not, say it here)
+            # torchrun stops all when one exits: wait for process 0 to say why (still alive: it did not, so say it here)
             time.sleep(30)
         print(f"error: {f'process {rank}: ' * bool(rank)}{e}", file=sys.stderr)
         return 2

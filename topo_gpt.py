@@ -74,11 +74,11 @@ preset = ''  # a named set of overrides, applied before the other keys (see PRES
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if k[0] != '_' and k.islower() and type(v) in (bool, int, float, str)}
 PRESETS = {
-    # the paper's model and its official config (models/config/train_gpt2.yaml; the keys not here are the defaults):
+    # the paper's model and its official config (models/config/train_gpt2.yaml; the keys not here: the defaults):
     # GPT-2 small on 28 x 28 grids, 983,040 tokens a step; ours: 10k steps, one pass over FineWeb-Edu's 10B sample
     'paper': dict(dataset='fineweb-edu', n_layer=12, n_head=16, n_embd=784, block_size=1024, batch_size=48,
                   gradient_accumulation_steps=20, learning_rate=6e-4, warmup_iters=2000, max_iters=10000, min_lr=6e-5,
-                  eval_interval=1000, eval_iters=200),
+                  eval_interval=1000, eval_iters=200, alpha=2.5, radius=5, n_neighborhoods=5),
     # the five-minute classroom loop (docs/classroom.md): a model and its control in about a minute each
     'classroom': dict(n_layer=2, n_head=4, n_embd=256, block_size=64, batch_size=8, max_iters=400,
                       eval_interval=200, eval_iters=10, warmup_iters=40, snapshot_iters='log'),
@@ -86,7 +86,7 @@ PRESETS = {
 MODEL_TYPE = 'topolm'  # written into every checkpoint: analyze.py tells the models apart by it
 GPT2_VOCAB = 50257  # GPT-2's tokens; the vocabulary is padded to 50304 (a multiple of 64, for speed)
 
-# ---- Topography: the spatial loss, the grid. Replace spatial_correlation_loss or distance_kernel: the model uses yours
+# ---- Topography. The model looks up spatial_correlation_loss and distance_kernel at each call: assign yours to swap
 
 def distance_kernel(d):
     """How alike two units at grid distance d should respond: TopoLM's inverse distance, 1 / (1 + d)."""
@@ -119,7 +119,7 @@ def grid_of(unit_pos, side):
     return (unit_pos[..., 0] * side + unit_pos[..., 1]).argsort(dim=1, stable=True).view(-1, side, side)
 
 def lattice_positions(n_maps, side, seed):
-    """Each map's units at a random permutation of the lattice, so only training makes neighbours alike: (M, C, 2)."""
+    """Each map's units randomly permuted on the lattice, so only the spatial loss makes neighbours alike: (M, C, 2)."""
     g = torch.Generator().manual_seed(seed)
     places = torch.stack([torch.randperm(side * side, generator=g) for _ in range(n_maps)])  # unit u at places[:, u]
     return torch.stack([places // side, places % side], dim=-1)  # (row, col) of each place row * side + col
@@ -134,8 +134,8 @@ def sample_neighborhoods(n_maps, n_windows, k):
     return torch.rand(n_maps, n_windows).argsort(dim=1)[:, :k]
 
 class Covariance(torch.autograd.Function):
-    """A speed trick, set apart: cov = xc^T xc of correlation(), its gradient by hand in one matmul, d cov -> xc (G +
-    G^T) (xc sums to zero), where autograd spends two and a pass for the mean: 3x faster; test_topo.py checks it."""
+    """A speed trick, set apart: correlation()'s cov = xc^T xc, its gradient by hand, d cov -> xc (G + G^T) as xc sums
+    to zero: one matmul where autograd spends two and a pass for the mean. 3x faster; test_topo.py checks it."""
     @staticmethod
     def forward(ctx, x):
         xc = x - x.mean(dim=-2, keepdim=True)
@@ -293,7 +293,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """nanoGPT's: idx (B, T) continued by max_new_tokens draws from softmax(last logits / temperature), top_k."""
+        """nanoGPT's: idx (B, T) + max_new_tokens tokens, each from softmax(last logits / temperature) of the top_k."""
         for _ in range(max_new_tokens):
             logits = self(idx[:, -self.config.block_size:])[0][:, -1, :] / temperature  # (B, vocab_size)
             logits[:, GPT2_VOCAB:] = -float('inf')  # never the vocabulary's padding
@@ -330,7 +330,7 @@ def open_split(cfg, split):
     """data_dir/dataset/split.bin as uint16 tokens, checked against meta.json, which prepare_data.py writes last."""
     folder = os.path.join(cfg['data_dir'], cfg['dataset'])
     path = os.path.join(folder, f'{split}.bin')
-    rerun = f"run prepare_data.py (Shakespeare) or prepare_data.py --input=YOUR_TEXT --name={cfg['dataset']}"
+    rerun = f"run `python prepare_data.py` (Shakespeare) or `... --input=YOUR_TEXT --name={cfg['dataset']}`"
     if not os.path.isfile(path):
         raise UsageError(f"no {path}: {rerun}")
     try:
@@ -381,7 +381,7 @@ def train_step(model, optimizer, scaler, ctx, next_batch, accum, grad_clip):
 
 @torch.no_grad()
 def estimate_loss(model, batch, eval_iters, seed, ctx):
-    """{split: (mean CE, mean spatial loss)}, the same batches every time, the training's RNG untouched (for resume)."""
+    """{split: (mean CE, mean SL)}: the same batches each time; fork_rng: evaluating never alters the training."""
     out = {}
     model.eval()
     with torch.random.fork_rng(devices=[]):
@@ -554,7 +554,7 @@ def precision(name, dev):
     if dtype == 'float16' and kind == 'cpu' or dtype == 'bfloat16' and kind == 'cuda' and not native:
         raise UsageError(f"--dtype={dtype}: this {'GPU has no native bf16' if kind == 'cuda' else 'needs a GPU'}; use "
                          f"{'float16' if kind == 'cuda' else 'bfloat16'} or float32")
-    torch.backends.cuda.matmul.allow_tf32 = dtype == 'float32'  # (under autocast, float32 products stay float32)
+    torch.backends.cuda.matmul.allow_tf32 = dtype == 'float32'  # (so under autocast the float32 spatial loss is exact)
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=kind, dtype=getattr(torch, dtype))
     return dtype, ctx, torch.amp.GradScaler(kind, enabled=dtype == 'float16')
 
@@ -571,7 +571,7 @@ def to_device(dev, *tensors):
             for t in tensors]
 
 def keep_freed_memory():
-    """glibc hands big freed blocks (the logits) back, and fresh pages are slow to write (docs/speed.md): keep them."""
+    """glibc returns big freed blocks (the logits) to the OS, and fresh pages are slow (docs/speed.md): keep them."""
     try:
         libc = ctypes.CDLL('libc.so.6')
         libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: big blocks come from the heap, not fresh mmaps
@@ -605,7 +605,7 @@ def signals_deferred():
 
 def save_checkpoint(path, ckpt, left):
     """ckpt into path via a temporary file and a rename, Ctrl-C held off: a kill or a full disk leaves the old file
-    whole; a failed save says left, what the run leaves behind (last_checkpoint)."""
+    whole. If the save fails, its error says left: what the run leaves behind (last_checkpoint)."""
     with signals_deferred():
         try:
             os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -690,7 +690,7 @@ def command(main, argv, interrupted=''):
         return 0
     except UsageError as e:
         if rank:
-            # torchrun stops all as soon as one exits: let the first say why (still here: it did not, say it here)
+            # torchrun stops all when one exits: wait for process 0 to say why (still alive: it did not, so say it here)
             time.sleep(30)
         print(f"error: {f'process {rank}: ' * bool(rank)}{e}", file=sys.stderr)
         return 2
@@ -706,14 +706,14 @@ def command(main, argv, interrupted=''):
         return 1
 
 def read_pickled(path, torch_file=False):
-    """A pickle (torch_file: torch.save's) of the official TopoLM code, its OmegaConf, LayerPositions plain objects."""
+    """A pickle (torch_file: torch.save's) of the official TopoLM code; OmegaConf, LayerPositions as plain objects."""
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
             if module.split('.')[0] in ('omegaconf', 'positions'):
                 return type(name, (), {})  # a plain class: pickle puts the object's state in its __dict__
             return super().find_class(module, name)
     if torch_file:
-        return torch.load(path, map_location='cpu', weights_only=False, mmap=True,  # (a module-like: its Unpickler)
+        return torch.load(path, map_location='cpu', weights_only=False, mmap=True,  # a pickle_module: just an Unpickler
                           pickle_module=type('pickle', (), {'Unpickler': Unpickler}))
     with open(path, 'rb') as f:
         return Unpickler(f).load()
@@ -724,8 +724,10 @@ def read_official(path, positions_dir=None):
     ckpt = read_pickled(path, torch_file=True) if isinstance(path, str) else path
     args = ckpt.get('model_args') if isinstance(ckpt, dict) else None
     if not isinstance(args, dict) or 'n_embed' not in args or any(args.get(k) for k in ('head_loss', 'attn_proj')):
-        raise ValueError("not a checkpoint of the official TopoLM code's GPT-2 (model_args with n_embed, no head_loss)")
-    positions_dir = positions_dir or os.path.join(os.path.dirname(os.path.abspath(path)), args.get('position_dir', ''))
+        raise ValueError("not the official TopoLM's GPT-2 (model_args with n_embed) or its head_loss/attn_proj variant")
+    if positions_dir is None and not (isinstance(path, str) and 'position_dir' in args):
+        raise ValueError("positions_dir is needed: where the official position pickles are")
+    positions_dir = positions_dir or os.path.join(os.path.dirname(os.path.abspath(path)), args['position_dir'])
     side, coords = math.isqrt(args['n_embed']), []
     for name in (f'layer.{l}.{s}' for l in range(args['n_layer']) for s in ('attn', 'mlp')):
         file = os.path.join(positions_dir, f'{name}.pkl')
@@ -737,7 +739,7 @@ def read_official(path, positions_dir=None):
             raise ValueError(f"{file} holds no places on a {side} x {side} grid: positions of another model size?")
     window = int(torch.as_tensor(layer['neighborhood_indices'])[0].sum())  # (2 radius - 1)^2 units
     state = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}  # saved from torch.compile
-    # the published places can put two units on a cell (docs/deviations.md): unit_pos keeps them, grid is their order
+    # published places may put two units on a cell (docs/deviations.md): unit_pos keeps them, grid lists them by place
     state.update(unit_pos=torch.stack(coords), grid=grid_of(torch.stack(coords), side))
     return dict({k: args[k] for k in ('n_layer', 'n_head', 'block_size', 'vocab_size', 'dropout', 'bias')},
                 n_embd=args['n_embed'], alpha=args.get('alpha', 0.25), residual_maps=args.get('with_resid', True),

@@ -177,8 +177,8 @@ class SpatialSelfAttention(nn.Module):
                              persistent=False)  # (D, D) 0/1; None: dense
 
     def fold_queries(self, w_q):
-        """A speed trick, set apart: q M = x (M W_q)^T (M fixed, symmetric): M folded into the D x D weight, by FFT on
-        the torus, not into each of the B*T queries (the official (B*T) x D x D matmul). test_topo.py checks it."""
+        """A speed trick, set apart: q M = x (M W_q)^T (M fixed, symmetric), so M is folded into the D x D weight once a
+        pass (by FFT on the torus) instead of pooling all B*T queries (the official (B*T) x D x D matmul). Tested."""
         if self.sq_kernel is None or w_q.device.type == 'mps':  # (the FFT path is untested on MPS)
             return self.sq_matrix @ w_q
         D, side = w_q.size(0), self.sq_kernel.size(0)
@@ -192,13 +192,13 @@ class SpatialSelfAttention(nn.Module):
         k, v = self.c_kv(x).split(D, dim=2)  # (B, T, D) each
         qh, kh, vh = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         # scores / sqrt(hs) (= sqrt(D) with one head); key_mask hides [PAD] keys; no dropout on the attention weights
-        # (the official BERT's is 0); CUDA's flash attention takes heads up to 256: the paper's 784, the efficient one
+        # (the official BERT's is 0). CUDA flash attention takes heads up to 256: the paper's 784 gets the efficient one
         y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=key_mask).transpose(1, 2).contiguous().view(B, T, D)
         w_o = self.c_proj.weight  # (D, D): w_o[i, j] connects unit j of y to unit i of the output
         if self.sr_mask is not None:
             # SR: masked here, so the weights outside the disc get zero gradient (zero from the init on). sr_nonneg:
-            # |W_o|, as the official code does in place: each output unit a positive sum over its disc, shared with its
-            # neighbours, so the out maps turn topographic as the paper reports; signed ones do not (docs/deviations.md)
+            # |W_o|, as the official code (in place): each output unit is a positive sum over its disc, mostly shared
+            # with its neighbours, so the out maps turn topographic as the paper reports; signed ones do not (docs/)
             w_o = (w_o.abs() if self.sr_nonneg else w_o) * self.sr_mask
         out = F.linear(y, w_o, self.c_proj.bias)  # (B, T, D): the 'out' map, where the official code looks
         # return_maps: the queries before pooling are the paper's query maps (an extra matmul, here only)
@@ -235,7 +235,7 @@ class Topoformer(nn.Module):
         super().__init__()
         side = math.isqrt(config.n_embd)
         if side * side != config.n_embd:
-            raise UsageError(f"n_embd={config.n_embd} is not a perfect square (256 = 16 x 16 units, 784 = 28 x 28)")
+            raise UsageError(f"n_embd={config.n_embd} is not a perfect square (256 = 16 x 16, 400 = 20 x 20, ...)")
         if config.n_embd % config.n_head:
             raise UsageError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         if not (0 < config.sq <= 1 and 0 < config.sr <= 1):
@@ -325,7 +325,7 @@ class Topoformer(nn.Module):
         return torch.topk(F.softmax(logits, dim=-1), k, dim=-1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
-        # weight decay on 2-D tensors, none on biases and LayerNorms (the official BERT, exempting by name, decays its)
+        # decay 2-D tensors, not biases or LayerNorms (the official BERT exempts by name and misses its LayerNorms)
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                   {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
@@ -360,7 +360,7 @@ def open_split(cfg, split):
     """data_dir/dataset/split.bin as uint16 tokens, checked against meta.json, which prepare_data.py writes last."""
     folder = os.path.join(cfg['data_dir'], cfg['dataset'])
     path = os.path.join(folder, f'{split}.bin')
-    rerun = f"run prepare_data.py (Shakespeare) or prepare_data.py --input=YOUR_TEXT --name={cfg['dataset']}"
+    rerun = f"run `python prepare_data.py` (Shakespeare) or `... --input=YOUR_TEXT --name={cfg['dataset']}`"
     if not os.path.isfile(path):
         raise UsageError(f"no {path}: {rerun}")
     try:
@@ -484,7 +484,7 @@ def main(argv):
                                                      if f.name in cfg}, 'n_class': 2 if sentiment else 0}
     if sentiment != bool(model_args['n_class']):
         raise UsageError(f"--task={cfg['task']} does not fit the saved {'masked LM' if sentiment else 'classifier'}")
-    model = Topoformer(TopoformerConfig(**model_args)).to(dev)
+    model = raw_model = Topoformer(TopoformerConfig(**model_args)).to(dev)
     optimizer = model.configure_optimizers(cfg['weight_decay'], cfg['learning_rate'], (cfg['beta1'], cfg['beta2']),
                                            dev.split(':')[0], cfg['adam_eps'])
     iter_num, best_val_loss, first_val_loss = 0, float('inf'), None
@@ -515,7 +515,6 @@ def main(argv):
               f"({'torus' if cfg['wrap'] else 'flat'}), sq={cfg['sq']}, sr={cfg['sr']}, task {cfg['task']}\ndevice "
               f"{dev}, {dtype}, {world} process(es) of {accum} x {B} sequences, {per_iter:,} {unit} per iteration"
               + "\ncompiling the model... (under a minute on a CPU, during the first steps)" * cfg['compile'])
-    raw_model = model
     if ddp:  # DDP, then compile, as PyTorch documents: the all-reduce then overlaps the compiled backward
         model = DDP(model, device_ids=[dev] if dev.startswith('cuda') else None, broadcast_buffers=False)
     if cfg['compile']:
@@ -635,7 +634,7 @@ def precision(name, dev):
     if dtype == 'float16' and kind == 'cpu' or dtype == 'bfloat16' and kind == 'cuda' and not native:
         raise UsageError(f"--dtype={dtype}: this {'GPU has no native bf16' if kind == 'cuda' else 'needs a GPU'}; use "
                          f"{'float16' if kind == 'cuda' else 'bfloat16'} or float32")
-    torch.backends.cuda.matmul.allow_tf32 = dtype == 'float32'  # (under autocast, float32 products stay float32)
+    torch.backends.cuda.matmul.allow_tf32 = dtype == 'float32'  # (so under autocast the float32 spatial loss is exact)
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type=kind, dtype=getattr(torch, dtype))
     return dtype, ctx, torch.amp.GradScaler(kind, enabled=dtype == 'float16')
 
@@ -652,7 +651,7 @@ def to_device(dev, *tensors):
             for t in tensors]
 
 def keep_freed_memory():
-    """glibc hands big freed blocks (the logits) back, and fresh pages are slow to write (docs/speed.md): keep them."""
+    """glibc returns big freed blocks (the logits) to the OS, and fresh pages are slow (docs/speed.md): keep them."""
     try:
         libc = ctypes.CDLL('libc.so.6')
         libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: big blocks come from the heap, not fresh mmaps
@@ -686,7 +685,7 @@ def signals_deferred():
 
 def save_checkpoint(path, ckpt, left):
     """ckpt into path via a temporary file and a rename, Ctrl-C held off: a kill or a full disk leaves the old file
-    whole; a failed save says left, what the run leaves behind (last_checkpoint)."""
+    whole. If the save fails, its error says left: what the run leaves behind (last_checkpoint)."""
     with signals_deferred():
         try:
             os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -771,7 +770,7 @@ def command(main, argv, interrupted=''):
         return 0
     except UsageError as e:
         if rank:
-            # torchrun stops all as soon as one exits: let the first say why (still here: it did not, say it here)
+            # torchrun stops all when one exits: wait for process 0 to say why (still alive: it did not, so say it here)
             time.sleep(30)
         print(f"error: {f'process {rank}: ' * bool(rank)}{e}", file=sys.stderr)
         return 2
