@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import resource
+import warnings
 
 import numpy as np
 import torch
@@ -90,6 +91,8 @@ def setup(module, argv):
     _, _, _, dev = module.start_processes(cfg['device'])
     dtype, ctx, scaler = module.precision(cfg['dtype'], dev)
     accum, B = module.share_step(cfg['gradient_accumulation_steps'], cfg['batch_size'], 1)
+    if cfg['compile']:  # (as the scripts do: inductor's notes are on its internals, not on the model)
+        warnings.filterwarnings('ignore', module=r'torch\._inductor')
     print(f"{module.__name__}: batch {B} x {cfg['block_size']} x {accum} accum, {dtype}, {dev}")
     return cfg, dev, ctx, scaler, accum, B
 
