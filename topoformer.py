@@ -198,7 +198,7 @@ class SpatialSelfAttention(nn.Module):
         if self.sr_mask is not None:
             # SR: masked here, so the weights outside the disc get zero gradient (zero from the init on). sr_nonneg:
             # |W_o|, as the official code (in place): each output unit is a positive sum over its disc, mostly shared
-            # with its neighbours, so the out maps turn topographic as the paper reports; signed ones do not (docs/)
+            # with its neighbours, so the out maps turn topographic; signed ones do not (docs/deviations.md)
             w_o = (w_o.abs() if self.sr_nonneg else w_o) * self.sr_mask
         out = F.linear(y, w_o, self.c_proj.bias)  # (B, T, D): the 'out' map, where the official code looks
         # return_maps: the queries before pooling are the paper's query maps (an extra matmul, here only)
