@@ -464,9 +464,9 @@ def main(argv):
                     save_checkpoint(ckpt_path, checkpoint_of(raw_model, iter_num, cfg, optimizer, dev, best_val_loss,
                                                              first_val_loss, scaler=scaler.state_dict()), left)
                 if iter_num in snapshots and (iter_num > start_iter or not cfg['resume']):  # (for analyze.py)
-                    save_checkpoint(os.path.join(cfg['out_dir'], 'snapshots', f'step_{iter_num:06d}.pt'), checkpoint_of(
-                        raw_model, iter_num, cfg, losses=dict(train=tce, val=vce, val_spatial=vsl)),
-                        last_checkpoint(ckpt_path, saved))
+                    snapshot = checkpoint_of(raw_model, iter_num, cfg, losses=dict(train=tce, val=vce, val_spatial=vsl))
+                    save_checkpoint(os.path.join(cfg['out_dir'], 'snapshots', f'step_{iter_num:06d}.pt'), snapshot,
+                                    last_checkpoint(ckpt_path, saved))
                 t0, it0 = time.time(), iter_num
             if iter_num >= cfg['max_iters']:
                 break
